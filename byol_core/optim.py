@@ -1,0 +1,125 @@
+"""LARS and plain SGD, with parameter groups built by module type and tensor rank.
+
+LARS (You et al. 2017) as BYOL uses it: "we exclude the biases and batch normalization parameters
+from both LARS adaptation and weight decay" (BYOL B.1). Exclusion is decided by what a parameter
+is (a norm layer's affine parameter, or any tensor of rank <= 1), never by its name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from byol_core.spec import OptimSpec
+
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+class LARS(Optimizer):
+    """SGD with momentum whose update for each tensor w is scaled by the trust ratio
+    ``eta * ||w|| / ||g + wd * w||`` (1 where either norm is 0).
+
+    Param-group options: ``weight_decay``, ``lars`` (adapt this group or not: groups without it
+    are plain SGD with momentum), ``lr_mult``. All tensors of a group are updated with
+    ``torch._foreach_*`` ops; trust ratios stay on the device (no host synchronisation) and the
+    last ones are kept in ``self.trust`` for diagnostics.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 1e-3,
+        lars: bool = True,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=lars)
+        super().__init__(params, defaults)
+        # Last trust ratio per tensor, by group index; kept out of state_dict (a diagnostic).
+        self.trust: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            if group["lars"]:
+                w_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                trust = torch.where(
+                    (w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, 1.0
+                )
+                self.trust[index] = trust
+                grads = torch._foreach_mul(grads, list(trust.unbind()))
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    # A zero buffer makes the first step v = g, as torch.optim.SGD does.
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+        return loss
+
+
+def _is_excluded(module: nn.Module, param: torch.Tensor) -> bool:
+    return isinstance(module, NORM_TYPES) or param.ndim <= 1
+
+
+def _matches(path: str, prefixes: list[str] | None) -> bool:
+    if prefixes is None:
+        return True
+    return any(path == p or path.startswith(p + ".") for p in prefixes)
+
+
+def param_groups(online: nn.Module, spec: OptimSpec) -> list[dict]:
+    """Groups keyed by (LARS or not, weight decay or not, predictor or not).
+
+    ``lars_modules`` limits LARS to module paths relative to the online network, e.g.
+    ``encoder.layer1`` (the study's appendix: layer1 + layer2 only, or ``projector``/``predictor``).
+    """
+    use_lars = spec.name == "lars"
+    groups: dict[tuple[bool, bool, bool], list[torch.Tensor]] = {}
+    for path, module in online.named_modules():
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            excluded = spec.exclude_bias_and_norm and _is_excluded(module, param)
+            lars = use_lars and not excluded and _matches(path, spec.lars_modules)
+            predictor = path == "predictor" or path.startswith("predictor.")
+            groups.setdefault((lars, excluded, predictor), []).append(param)
+    return [
+        {
+            "params": params,
+            "lars": lars,
+            "weight_decay": 0.0 if excluded else spec.weight_decay,
+            "lr_mult": spec.predictor_lr_mult if predictor else 1.0,
+        }
+        for (lars, excluded, predictor), params in sorted(groups.items())
+    ]
+
+
+def build_optimizer(online: nn.Module, spec: OptimSpec, lr: float) -> Optimizer:
+    """LARS for ``name='lars'``; for ``'sgd'`` the same optimizer with adaptation off everywhere,
+    which is exactly torch's SGD with momentum and L2 weight decay (tests check this)."""
+    groups = param_groups(online, spec)
+    return LARS(groups, lr=lr, momentum=spec.momentum, eta=spec.lars_eta)
+
+
+def set_lr(optimizer: Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)

@@ -1,0 +1,54 @@
+"""Device, precision and memory format: chosen once per run from ``RuntimeSpec``."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from byol_core.spec import RuntimeSpec
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 convolutions then run several times faster than fp32."""
+    cpu = torch.cpu
+    return bool(
+        getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast (matmuls and convolutions in bf16, reductions and the loss in fp32)."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def resolve_runtime(spec: RuntimeSpec, device: torch.device | None = None) -> Runtime:
+    if device is None:
+        if spec.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("runtime.device is 'cuda' but no CUDA device is available")
+        use_cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
+        device = torch.device("cuda" if use_cuda else "cpu")
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    if spec.precision == "auto":
+        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+        bf16 = bool(fast)
+    else:
+        bf16 = spec.precision == "bf16"
+    # channels_last measured faster for ResNets on this CPU in fp32 and bf16 (docs/benchmarks.md)
+    # and is the tensor-core layout on GPUs.
+    channels_last = True if spec.channels_last is None else spec.channels_last
+    return Runtime(device=device, bf16=bf16, channels_last=channels_last)

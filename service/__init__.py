@@ -1,0 +1,1 @@
+"""The job service: FastAPI, SQL and a Redis queue. Never imports torch."""

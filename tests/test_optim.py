@@ -1,0 +1,109 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from byol_core.diagnostics import trust_ratios
+from byol_core.model import BYOL
+from byol_core.optim import LARS, build_optimizer, param_groups, set_lr
+from byol_core.presets import resolve_spec
+from byol_core.spec import OptimSpec
+
+
+def test_lars_step_matches_hand_computed_reference():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
+    opt = LARS([{"params": [w], "weight_decay": 0.1, "lars": True}], lr=0.5, momentum=0.9, eta=0.01)
+    w.grad = torch.tensor([[1.0, 0.0]])
+    opt.step()
+    # g' = g + wd w = (1.3, 0.4); ||g'|| = sqrt(1.69 + 0.16); trust = eta ||w|| / ||g'||
+    g1 = torch.tensor([[1.3, 0.4]])
+    trust1 = 0.01 * 5.0 / math.sqrt(1.85)
+    v1 = trust1 * g1
+    w1 = torch.tensor([[3.0, 4.0]]) - 0.5 * v1
+    assert torch.allclose(w.detach(), w1, atol=1e-6)
+    # Second step: momentum v2 = 0.9 v1 + trust2 g2'.
+    w.grad = torch.tensor([[0.0, 2.0]])
+    opt.step()
+    g2 = torch.tensor([[0.0, 2.0]]) + 0.1 * w1
+    trust2 = 0.01 * w1.norm() / g2.norm()
+    w2 = w1 - 0.5 * (0.9 * v1 + trust2 * g2)
+    assert torch.allclose(w.detach(), w2, atol=1e-6)
+    assert torch.allclose(opt.trust[0], trust2.reshape(1), atol=1e-6)
+
+
+def test_lars_trust_ratio_is_one_for_zero_weights_or_grads():
+    w = nn.Parameter(torch.zeros(2, 2))
+    opt = LARS([w], lr=1.0, momentum=0.0, eta=0.001)
+    w.grad = torch.ones(2, 2)
+    opt.step()
+    assert torch.allclose(w.detach(), -torch.ones(2, 2))
+
+
+def test_sgd_mode_equals_torch_sgd():
+    torch.manual_seed(0)
+    ours, ref = nn.Linear(5, 3), nn.Linear(5, 3)
+    ref.load_state_dict(ours.state_dict())
+    opt = LARS([{"params": list(ours.parameters()), "lars": False, "weight_decay": 1e-2}], lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    for _ in range(3):
+        x = torch.randn(8, 5)
+        for net, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            net(x).square().sum().backward()
+            o.step()
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+class Odd(nn.Module):
+    """Names chosen to fool a name-based exclusion rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn_bias = nn.Parameter(torch.randn(3, 3))  # a matrix: adapted, decayed
+        self.weight = nn.Parameter(torch.randn(3))  # a vector: excluded
+        self.norm = nn.LayerNorm(3)
+
+
+def test_exclusion_is_by_type_and_rank_not_name():
+    spec = OptimSpec(name="lars", weight_decay=0.5)
+    groups = param_groups(Odd(), spec)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    odd = Odd()
+    groups = param_groups(odd, spec)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(odd.bn_bias)]["lars"] and by_param[id(odd.bn_bias)]["weight_decay"] == 0.5
+    for p in (odd.weight, odd.norm.weight, odd.norm.bias):
+        assert not by_param[id(p)]["lars"] and by_param[id(p)]["weight_decay"] == 0.0
+
+
+def test_lars_can_be_limited_to_chosen_modules():
+    spec = resolve_spec(
+        overrides=["optim.name=lars", "optim.lars_modules=[encoder.layer1, encoder.layer2]"]
+    )
+    online = BYOL(spec.model).online
+    names = {id(p): n for n, p in online.named_parameters()}
+    adapted = [names[id(p)] for g in param_groups(online, spec.optim) if g["lars"] for p in g["params"]]
+    assert adapted and all(n.startswith(("encoder.layer1.", "encoder.layer2.")) for n in adapted)
+    assert any(n.startswith("encoder.layer2.") for n in adapted)
+    # Everything else is still optimised (SGD), nothing dropped.
+    total = sum(len(g["params"]) for g in param_groups(online, spec.optim))
+    assert total == len(list(online.parameters()))
+
+
+def test_predictor_lr_multiplier_and_trust_diagnostics():
+    spec = resolve_spec(overrides=["optim.name=lars", "optim.predictor_lr_mult=10"])
+    online = BYOL(spec.model).online
+    opt = build_optimizer(online, spec.optim, lr=0.1)
+    set_lr(opt, 0.1)
+    names = {id(p): n for n, p in online.named_parameters()}
+    for g in opt.param_groups:
+        pred = all(names[id(p)].startswith("predictor.") for p in g["params"])
+        assert g["lr"] == pytest.approx(1.0 if pred else 0.1)
+    z, p = online([torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)])
+    (p[0].sum() + p[1].sum()).backward()
+    opt.step()
+    ratios = trust_ratios(opt, online)
+    assert "encoder.conv1.weight" in ratios and ratios["encoder.conv1.weight"] > 0
+    assert not any(n.endswith(".bias") for n in ratios)
