@@ -21,12 +21,16 @@ def _spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", "--variant", dest="variant", help="study variant, e.g. no_norm")
     parser.add_argument("--base", help=f"preset base: one of {', '.join(bases())}")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a field by dotted path, e.g. --set optim.lr=0.4 (repeatable)",
     )
 
 
-def spec_from_args(args: argparse.Namespace):  # noqa: ANN201 - JobSpec, imported lazily
+def spec_from_args(args: argparse.Namespace):
     document = load_document(args.spec_file) if args.spec_file else None
     return resolve_spec(document, base=args.base, variant=args.variant, overrides=args.overrides)
 

@@ -51,8 +51,14 @@ def embed(
 
 
 def linear_top1(
-    x_fit: np.ndarray, y_fit: np.ndarray, x_score: np.ndarray, y_score: np.ndarray,
-    *, C: float = 1.0, max_iter: int = 1000, seed: int = 0,
+    x_fit: np.ndarray,
+    y_fit: np.ndarray,
+    x_score: np.ndarray,
+    y_score: np.ndarray,
+    *,
+    C: float = 1.0,
+    max_iter: int = 1000,
+    seed: int = 0,
 ) -> float:
     """Top-1 accuracy (in %) of a logistic regression on standardised features."""
     clf = make_pipeline(
@@ -99,6 +105,8 @@ def evaluate_features(
             raise ValueError("the standard protocol needs the training split's features")
         (fit_x, fit_y), (score_x, score_y) = train, test
     return {
-        "linear_top1": linear_top1(fit_x, fit_y, score_x, score_y, C=C, max_iter=max_iter, seed=seed),
+        "linear_top1": linear_top1(
+            fit_x, fit_y, score_x, score_y, C=C, max_iter=max_iter, seed=seed
+        ),
         "knn_top1": knn_top1(fit_x, fit_y, score_x, score_y, k=knn_k),
     }

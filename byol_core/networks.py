@@ -87,8 +87,14 @@ def _standardise_convs(module: nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Conv2d) and not isinstance(child, WSConv2d):
             ws = WSConv2d(
-                child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                child.padding, child.dilation, child.groups, child.bias is not None,
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,
+                child.stride,
+                child.padding,
+                child.dilation,
+                child.groups,
+                child.bias is not None,
             )
             ws.load_state_dict(child.state_dict())
             setattr(module, name, ws)

@@ -43,7 +43,7 @@ class LARS(Optimizer):
         self.trust: dict[int, torch.Tensor] = {}
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+    def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():

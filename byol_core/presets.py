@@ -116,9 +116,7 @@ def resolve_spec(
     if base_name not in bases():
         raise SpecError(f"base: unknown preset base {base_name!r}; one of {sorted(bases())}")
     if variant_name not in variants():
-        raise SpecError(
-            f"variant: unknown variant {variant_name!r}; one of {sorted(variants())}"
-        )
+        raise SpecError(f"variant: unknown variant {variant_name!r}; one of {sorted(variants())}")
     merged = deep_merge(bases()[base_name].overrides, variants()[variant_name].overrides)
     merged = deep_merge(merged, doc)
     for item in overrides:

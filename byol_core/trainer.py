@@ -1,7 +1,7 @@
 """The training loop for one process: a JobSpec in, per-epoch metrics and a checkpoint out.
 
-The pieces (``build``, ``train_step``, ``Trainer.evaluate``) are what distributed workers reuse; this
-module knows nothing about Ray, MLflow or the service.
+The pieces (``build``, ``train_step``, ``Trainer.evaluate``) are what distributed workers reuse;
+this module knows nothing about Ray, MLflow or the service.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from byol_core.ema import ema_update
 from byol_core.errors import ByolError
 from byol_core.evaluation import embed, evaluate_features
 from byol_core.losses import build_loss
-from byol_core.model import BYOL, Online, Target
+from byol_core.model import BYOL, Target
 from byol_core.optim import build_optimizer, set_lr
 from byol_core.runtime import Runtime, resolve_runtime
 from byol_core.schedules import learning_rate, scaled_lr, target_decay
@@ -247,11 +247,16 @@ class Trainer:
     def collapse_probe(self) -> dict[str, float]:
         """Collapse diagnostics without training (for the untrained-encoder baseline): one batch."""
         n = min(self.spec.batch_size, self.pretrain_images.shape[0])
-        views = [self.runtime.to_input(v) for v in self.augment(self.pretrain_images[:n], self.generator)]
+        views = [
+            self.runtime.to_input(v) for v in self.augment(self.pretrain_images[:n], self.generator)
+        ]
         with self.runtime.autocast():
             z, _ = self.model.online(views)
             z_target = self.model.target(views)
-        return {f"diag/{k}": v for k, v in zip(Collapse.names, batch_stats(z, z_target).tolist(), strict=True)}
+        return {
+            f"diag/{k}": v
+            for k, v in zip(Collapse.names, batch_stats(z, z_target).tolist(), strict=True)
+        }
 
     def evaluate(self) -> dict[str, float]:
         spec, data = self.spec, self.data

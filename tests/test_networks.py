@@ -45,13 +45,20 @@ def test_weight_standardisation_normalises_each_filter():
         conv.weight.mul_(10).add_(5)
     x = torch.randn(1, 3, 5, 5)
     w = conv.weight
-    w_std = (w - w.mean((1, 2, 3), keepdim=True)) / torch.sqrt(w.var((1, 2, 3), keepdim=True, unbiased=False) + 1e-5)
+    w_std = (w - w.mean((1, 2, 3), keepdim=True)) / torch.sqrt(
+        w.var((1, 2, 3), keepdim=True, unbiased=False) + 1e-5
+    )
     assert torch.allclose(conv(x), nn.functional.conv2d(x, w_std), atol=1e-4)
 
 
 @pytest.mark.parametrize(
     ("norm", "kind"),
-    [("batch", nn.BatchNorm1d), ("layer", nn.LayerNorm), ("group", nn.GroupNorm), ("none", nn.Identity)],
+    [
+        ("batch", nn.BatchNorm1d),
+        ("layer", nn.LayerNorm),
+        ("group", nn.GroupNorm),
+        ("none", nn.Identity),
+    ],
 )
 def test_mlp_is_linear_norm_relu_linear(norm, kind):
     mlp = MLP(32, 8, MLPSpec(hidden_dim=16, norm=norm, groups=4))

@@ -68,8 +68,6 @@ class Odd(nn.Module):
 
 def test_exclusion_is_by_type_and_rank_not_name():
     spec = OptimSpec(name="lars", weight_decay=0.5)
-    groups = param_groups(Odd(), spec)
-    by_param = {id(p): g for g in groups for p in g["params"]}
     odd = Odd()
     groups = param_groups(odd, spec)
     by_param = {id(p): g for g in groups for p in g["params"]}
@@ -84,7 +82,9 @@ def test_lars_can_be_limited_to_chosen_modules():
     )
     online = BYOL(spec.model).online
     names = {id(p): n for n, p in online.named_parameters()}
-    adapted = [names[id(p)] for g in param_groups(online, spec.optim) if g["lars"] for p in g["params"]]
+    adapted = [
+        names[id(p)] for g in param_groups(online, spec.optim) if g["lars"] for p in g["params"]
+    ]
     assert adapted and all(n.startswith(("encoder.layer1.", "encoder.layer2.")) for n in adapted)
     assert any(n.startswith("encoder.layer2.") for n in adapted)
     # Everything else is still optimised (SGD), nothing dropped.
@@ -101,7 +101,7 @@ def test_predictor_lr_multiplier_and_trust_diagnostics():
     for g in opt.param_groups:
         pred = all(names[id(p)].startswith("predictor.") for p in g["params"])
         assert g["lr"] == pytest.approx(1.0 if pred else 0.1)
-    z, p = online([torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)])
+    _, p = online([torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)])
     (p[0].sum() + p[1].sum()).backward()
     opt.step()
     ratios = trust_ratios(opt, online)

@@ -24,5 +24,7 @@ def test_constant_learning_rate_and_batch_scaling():
 def test_tau_schedule_ends():
     assert target_decay(0, 1000, 0.996) == pytest.approx(0.996)
     assert target_decay(1000, 1000, 0.996) == pytest.approx(1.0)
-    assert target_decay(500, 1000, 0.99) == pytest.approx(1 - 0.01 * (math.cos(math.pi / 2) + 1) / 2)
+    assert target_decay(500, 1000, 0.99) == pytest.approx(
+        1 - 0.01 * (math.cos(math.pi / 2) + 1) / 2
+    )
     assert target_decay(700, 1000, 0.99, "constant") == 0.99

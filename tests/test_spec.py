@@ -8,8 +8,15 @@ from byol_core.presets import SpecError, bases, parse_set, resolve_spec, variant
 from byol_core.spec import JobSpec
 
 STUDY_VARIANTS = {
-    "byol", "proj_bn_only", "pred_bn_only", "no_norm", "layer_norm", "contrastive", "random",
-    "gn_ws", "gn_ws_mlp_bn",
+    "byol",
+    "proj_bn_only",
+    "pred_bn_only",
+    "no_norm",
+    "layer_norm",
+    "contrastive",
+    "random",
+    "gn_ws",
+    "gn_ws_mlp_bn",
 }
 
 
@@ -50,11 +57,20 @@ def test_variants_set_the_study_table():
 def test_study_and_paper_bases_match_their_setups():
     s = resolve_spec(base="study")
     assert (s.model.encoder.arch, s.data.image_size, s.batch_size) == ("resnet18", 96, 256)
-    assert (s.optim.name, s.optim.momentum, s.optim.lr, s.optim.weight_decay) == ("sgd", 0.9, 0.8, 1e-4)
+    assert (s.optim.name, s.optim.momentum, s.optim.lr, s.optim.weight_decay) == (
+        "sgd",
+        0.9,
+        0.8,
+        1e-4,
+    )
     assert (s.model.projector.hidden_dim, s.model.projection_dim, s.ema.tau) == (512, 128, 0.996)
     assert (s.data.name, s.epochs, s.eval.protocol) == ("stl10", 10, "study")
     p = resolve_spec(base="paper")
-    assert (p.optim.name, p.model.projector.hidden_dim, p.model.projection_dim) == ("lars", 4096, 256)
+    assert (p.optim.name, p.model.projector.hidden_dim, p.model.projection_dim) == (
+        "lars",
+        4096,
+        256,
+    )
     assert p.optim.warmup_epochs == 10 and p.optim.schedule == "cosine"
     assert p.ema.schedule == "cosine" and p.augment.blur_p == (1.0, 0.1)
     assert p.augment.solarize_p == (0.0, 0.2)
@@ -67,7 +83,10 @@ def test_overrides_win_and_any_preset_can_override_optimizer_fields():
         overrides=["optim.name=lars", "optim.weight_decay=1e-5", "ema.tau=0.99", "optim.lr=0.3"],
     )
     assert (spec.optim.name, spec.optim.weight_decay, spec.ema.tau, spec.optim.lr) == (
-        "lars", 1e-5, 0.99, 0.3,
+        "lars",
+        1e-5,
+        0.99,
+        0.3,
     )
     assert spec.model.projector.norm == "none"
 
@@ -98,7 +117,8 @@ def test_unknown_presets_and_bad_set_syntax():
     with pytest.raises(SpecError, match="key=value"):
         parse_set("optim.lr")
     assert parse_set("optim.lars_modules=[encoder.layer1]") == (
-        ["optim", "lars_modules"], ["encoder.layer1"],
+        ["optim", "lars_modules"],
+        ["encoder.layer1"],
     )
 
 
@@ -128,5 +148,8 @@ def test_cli_spec_prints_resolved_json(tmp_path):
     out = byol("spec", str(f), "--set", "seed=7")
     spec = JobSpec.model_validate_json(out.stdout)
     assert (spec.variant, spec.epochs, spec.seed, spec.model.projector.norm) == (
-        "layer_norm", 3, 7, "layer",
+        "layer_norm",
+        3,
+        7,
+        "layer",
     )
