@@ -30,6 +30,7 @@ from byol_core.evaluation import embed, evaluate_features
 from byol_core.losses import build_loss
 from byol_core.model import BYOL, Target
 from byol_core.optim import build_optimizer, set_lr
+from byol_core.plots import plot_history
 from byol_core.runtime import Runtime, resolve_runtime
 from byol_core.schedules import learning_rate, scaled_lr, target_decay
 from byol_core.spec import JobSpec
@@ -171,7 +172,14 @@ class Trainer:
             while self.epoch < self.spec.epochs:
                 self._end_epoch(self.epoch + 1, self.train_epoch())
         path = self.save()
+        self.write_report()
         return self.summary(path, time.perf_counter() - started)
+
+    def write_report(self) -> None:
+        """metrics.json and curves.png beside the checkpoint."""
+        (self.out_dir / "metrics.json").write_text(json.dumps(self.history.epochs, indent=1))
+        title = f"{self.spec.name} ({self.spec.base}/{self.spec.variant})"
+        plot_history(self.history.epochs, self.out_dir / "curves.png", title)
 
     def _end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self.epoch = epoch

@@ -140,6 +140,8 @@ def test_cli_train_ends_with_json_summary(tmp_path):
     for key in ("linear_top1", "knn_top1", "cos_pos", "cos_neg", "z_std", "checkpoint"):
         assert summary[key] is not None, key
     assert (tmp_path / "checkpoint.pt").is_file()
+    assert json.loads((tmp_path / "metrics.json").read_text())[0]["epoch"] == 1
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "epoch 1:" in out.stderr and "eval/linear_top1=" in out.stderr
 
 
