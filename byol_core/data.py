@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .spec import DataSpec
+from byol_core.errors import ByolError
+from byol_core.spec import DataSpec
 
 __all__ = [
     "SHAPE_CLASSES",
@@ -63,7 +64,7 @@ _CACHE_VERSION = 1
 _DECODE_CHUNK = 256
 
 
-class DataError(RuntimeError):
+class DataError(ByolError, RuntimeError):
     """A dataset cannot be loaded; the message says what is missing and what to do."""
 
 

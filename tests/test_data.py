@@ -22,6 +22,18 @@ from byol_core.data import (
 from byol_core.spec import DataSpec
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared/data/cifar10"
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 
 
 def _check_set(s: ImageSet, size: int, n_classes: int, *, unlabelled: bool = False) -> None:
@@ -306,18 +318,7 @@ def test_cifar10_from_torchvision_files(tmp_path: Path, monkeypatch: pytest.Monk
             "labels": [i % 10 for i in range(20)],
         }
         (folder / name).write_bytes(pickle.dumps(batches[name]))
-    names = [
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ]
+    names = list(CIFAR10_CLASSES)
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
 
     splits = load_data(DataSpec(name="cifar10", root=str(tmp_path)))
@@ -374,18 +375,7 @@ def test_cifar10_imagefolder(tmp_path: Path) -> None:
     )
     splits = load_data(spec)
     assert len(splits.pretrain) == len(splits.train) == 2000 and len(splits.test) == 1000
-    classes = (
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    )
+    classes = CIFAR10_CLASSES
     for s in (splits.train, splits.test):
         _check_set(s, 32, 10)
         assert s.classes == classes

@@ -140,6 +140,10 @@ def test_cli_bad_spec_is_one_line_naming_the_field(tmp_path):
     assert out.returncode == 2 and "optim.momentun: unknown field" in out.stderr
     out = byol("train", str(tmp_path / "missing.yaml"))
     assert out.returncode == 2 and "does not exist" in out.stderr
+    # A dataset that is not there: one line naming the path, no traceback.
+    out = byol("train", "--set", "data.name=imagefolder", "--set", f"data.path={tmp_path}/nope")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "Traceback" not in out.stderr and "nope" in out.stderr
 
 
 def test_cli_spec_prints_resolved_json(tmp_path):
