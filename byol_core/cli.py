@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -55,11 +57,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.overrides.append("runtime.precision=fp32")
     if args.device:
         args.overrides.append(f"runtime.device={args.device}")
+    if args.workers:
+        args.overrides.append(f"distributed.workers={args.workers}")
+    if args.gpu:
+        args.overrides.append("distributed.use_gpu=true")
     spec = spec_from_args(args)
+    if spec.distributed.workers > 1 or os.environ.get("RAY_ADDRESS"):
+        # Data-parallel training lives in the worker package; found by entry point, not import.
+        (backend,) = entry_points(group="byol.backends", name="ray")
+        out_dir = args.out or default_out_dir_name(spec)
+        print(json.dumps(backend.load()(spec, out_dir)))
+        return 0
     # torch is imported only here: listing presets or printing a spec stays instant.
-    from byol_core.trainer import Trainer, default_out_dir
+    from byol_core.trainer import Trainer
 
-    out_dir = args.out or default_out_dir(spec)
+    out_dir = args.out or default_out_dir_name(spec)
     quiet = args.quiet
 
     def report(epoch: int, metrics: dict[str, Any]) -> None:
@@ -86,6 +98,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_out_dir_name(spec) -> str:
+    return f"runs/{spec.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="byol", description="BYOL training and the study.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("-q", "--quiet", action="store_true", help="only the JSON summary")
+    p.add_argument("--workers", type=int, help="data-parallel workers on Ray Train (> 1)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("variants", help="list the preset bases and the study's variants")

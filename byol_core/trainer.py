@@ -12,11 +12,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -34,6 +34,7 @@ from byol_core.plots import plot_history
 from byol_core.runtime import Runtime, resolve_runtime
 from byol_core.schedules import learning_rate, scaled_lr, target_decay
 from byol_core.spec import JobSpec
+from byol_core.sync_bn import convert_sync_batchnorm
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -42,10 +43,20 @@ class TrainingError(ByolError):
     """A run that cannot start or go on, with a message for the user."""
 
 
-def build(spec: JobSpec, device: torch.device) -> tuple[BYOL, nn.Module, torch.optim.Optimizer]:
-    """Model, loss and optimizer for a spec, seeded so that the same spec builds the same net."""
+def build(
+    spec: JobSpec, device: torch.device, global_bn: bool = False
+) -> tuple[BYOL, nn.Module, torch.optim.Optimizer]:
+    """Model, loss and optimizer for a spec, seeded so that the same spec builds the same net.
+
+    ``global_bn``: batch statistics over every process of the default group, in the online and
+    the target networks (the spec's ``distributed.bn_sync='global'``).
+    """
     torch.manual_seed(spec.seed)
-    model = BYOL(spec.model).to(device)
+    model = BYOL(spec.model)
+    if global_bn:
+        model.online = convert_sync_batchnorm(model.online)
+        model.target = convert_sync_batchnorm(model.target)
+    model = model.to(device)
     loss_fn = build_loss(
         spec.loss.kind, spec.model.projection_dim, spec.loss.temperature, spec.loss.queue_size
     ).to(device)
@@ -100,24 +111,37 @@ class Trainer:
         device: torch.device | None = None,
         progress: bool = True,
         on_epoch_end: EpochCallback | None = None,
+        wrap_online: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
+        """``wrap_online`` wraps the online network for data-parallel training (e.g. Ray's
+        ``prepare_model``); with torch.distributed initialised each process trains on its
+        share of every global batch."""
         self.spec = spec
         self.out_dir = Path(out_dir)
         self.runtime = resolve_runtime(spec.runtime, device)
         self.data = data if data is not None else load_data(spec.data, seed=spec.seed)
         self.progress = progress
         self.on_epoch_end = on_epoch_end
-        self.model, self.loss_fn, self.optimizer = build(spec, self.runtime.device)
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world_size = dist.get_world_size() if distributed else 1
+        global_bn = self.world_size > 1 and spec.distributed.bn_sync == "global"
+        self.model, self.loss_fn, self.optimizer = build(spec, self.runtime.device, global_bn)
         if self.runtime.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.online = wrap_online(self.model.online) if wrap_online else self.model.online
         self.augment = PairAugment(spec.augment)
-        self.generator = torch.Generator(self.runtime.device).manual_seed(spec.seed + 1)
+        # Each process draws its own augmentations; the batch order is shared (same seed).
+        self.generator = torch.Generator(self.runtime.device).manual_seed(
+            spec.seed + 1 + 7919 * self.rank
+        )
         self.ema_pairs = self.model.target_pairs()
         self.epoch = 0
         self.step = 0
         self.history = History()
         n = self.data.pretrain.images.shape[0]
         self.steps_per_epoch = n // spec.batch_size
+        self.local_batch = spec.batch_size // self.world_size
         if spec.pretrain and self.steps_per_epoch == 0:
             raise TrainingError(
                 f"the pre-training set has {n} images, fewer than batch_size={spec.batch_size}"
@@ -171,24 +195,24 @@ class Trainer:
         else:
             while self.epoch < self.spec.epochs:
                 self._end_epoch(self.epoch + 1, self.train_epoch())
-        path = self.save()
-        self.write_report()
+        path = None
+        if self.rank == 0:
+            path = self.save()
+            self.write_report()
         return self.summary(path, time.perf_counter() - started)
 
     def write_report(self) -> None:
-        """metrics.json and curves.png beside the checkpoint."""
-        (self.out_dir / "metrics.json").write_text(json.dumps(self.history.epochs, indent=1))
-        title = f"{self.spec.name} ({self.spec.base}/{self.spec.variant})"
-        plot_history(self.history.epochs, self.out_dir / "curves.png", title)
+        write_report(self.spec, self.history.epochs, self.out_dir)
 
     def _end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self.epoch = epoch
-        if self._eval_due(epoch) and "eval/linear_top1" not in metrics:
+        # Evaluation and checkpoints are rank 0's; the others go on to the next collective.
+        if self.rank == 0 and self._eval_due(epoch) and "eval/linear_top1" not in metrics:
             metrics.update(self.evaluate())
         metrics["epoch"] = epoch
         self.history.epochs.append(metrics)
         every = self.spec.checkpoint_every
-        if every and epoch % every == 0:
+        if self.rank == 0 and every and epoch % every == 0:
             self.save()
         if self.on_epoch_end:
             self.on_epoch_end(epoch, metrics)
@@ -202,7 +226,10 @@ class Trainer:
         g = torch.Generator().manual_seed(self.spec.seed * 100_003 + epoch)
         order = torch.randperm(self.pretrain_images.shape[0], generator=g)
         usable = self.steps_per_epoch * self.spec.batch_size
-        return order[:usable].view(self.steps_per_epoch, self.spec.batch_size)
+        batches = order[:usable].view(self.steps_per_epoch, self.spec.batch_size)
+        # This process's contiguous share of every global batch.
+        start = self.rank * self.local_batch
+        return batches[:, start : start + self.local_batch]
 
     def train_epoch(self) -> dict[str, float]:
         spec, model = self.spec, self.model
@@ -227,13 +254,14 @@ class Trainer:
             set_lr(self.optimizer, lr)
             views = list(self.augment(self.pretrain_images[idx], self.generator))
             loss, stats = train_step(
-                model.online, model.target, self.loss_fn, self.optimizer, views, self.runtime
+                self.online, model.target, self.loss_fn, self.optimizer, views, self.runtime
             )
             ema_update(*self.ema_pairs, tau)
             loss_sum += loss
             collapse.update(stats)
             self.step += 1
         seconds = time.perf_counter() - started
+        loss_sum, collapse = self._mean_over_processes(loss_sum, collapse)
         metrics = {
             "train/loss": float(loss_sum) / self.steps_per_epoch,
             "train/lr": lr,
@@ -250,6 +278,17 @@ class Trainer:
         for name, ratio in trust_ratios(self.optimizer, model.online).items():
             metrics[f"lars/trust/{name}"] = ratio
         return metrics
+
+    def _mean_over_processes(
+        self, loss_sum: torch.Tensor, collapse: Collapse
+    ) -> tuple[torch.Tensor, Collapse]:
+        """Average the epoch's loss and diagnostics over all processes, in one collective."""
+        if self.world_size == 1 or collapse.total is None:
+            return loss_sum, collapse
+        packed = torch.cat([loss_sum.reshape(1), collapse.total]) / self.world_size
+        dist.all_reduce(packed)
+        collapse.total = packed[1:]
+        return packed[0], collapse
 
     @torch.no_grad()
     def collapse_probe(self) -> dict[str, float]:
@@ -295,24 +334,35 @@ class Trainer:
         metrics["time/eval_s"] = time.perf_counter() - started
         return metrics
 
-    def summary(self, checkpoint: Path, seconds: float) -> dict[str, Any]:
-        last = self.history.last()
-        evals = [m for m in self.history.epochs if "eval/linear_top1" in m]
-        final_eval = evals[-1] if evals else {}
-        return {
-            "name": self.spec.name,
-            "variant": self.spec.variant,
-            "epochs": self.epoch,
-            "linear_top1": final_eval.get("eval/linear_top1"),
-            "knn_top1": final_eval.get("eval/knn_top1"),
-            "cos_pos": last.get("diag/cos_pos"),
-            "cos_neg": last.get("diag/cos_neg"),
-            "z_std": last.get("diag/z_std"),
-            "checkpoint": str(checkpoint),
-            "seconds": round(seconds, 2),
-        }
+    def summary(self, checkpoint: Path | None, seconds: float) -> dict[str, Any]:
+        return summarize(self.spec, self.history.epochs, checkpoint, seconds)
 
 
-def default_out_dir(spec: JobSpec, root: str | Path = "runs") -> Path:
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{spec.name}-{stamp}"
+def write_report(spec: JobSpec, history: list[dict[str, float]], out_dir: str | Path) -> None:
+    """metrics.json and curves.png in the run folder."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(history, indent=1))
+    plot_history(history, out_dir / "curves.png", f"{spec.name} ({spec.base}/{spec.variant})")
+
+
+def summarize(
+    spec: JobSpec, history: list[dict[str, float]], checkpoint: str | Path | None, seconds: float
+) -> dict[str, Any]:
+    """The run's one-line result: final evaluation and the last epoch's collapse diagnostics."""
+    last = history[-1] if history else {}
+    evals = [m for m in history if "eval/linear_top1" in m]
+    final_eval = evals[-1] if evals else {}
+    return {
+        "name": spec.name,
+        "variant": spec.variant,
+        "epochs": int(last.get("epoch", 0)),
+        "linear_top1": final_eval.get("eval/linear_top1"),
+        "knn_top1": final_eval.get("eval/knn_top1"),
+        "cos_pos": last.get("diag/cos_pos"),
+        "cos_neg": last.get("diag/cos_neg"),
+        "z_std": last.get("diag/z_std"),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "seconds": round(seconds, 2),
+    }
+
