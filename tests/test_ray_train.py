@@ -1,8 +1,16 @@
-"""Data-parallel training on a real local Ray cluster, through the CLI as a user runs it."""
+"""Data-parallel training on a real local Ray cluster, tracked by a real MLflow server, through
+the CLI as a user runs it."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
 
 from byol_core.checkpoint import load_checkpoint
 
@@ -15,9 +23,60 @@ TINY = [
     "model.predictor.hidden_dim=64",
     "model.projection_dim=32",
 ]
+METRICS = [
+    "train/loss",
+    "train/lr",
+    "train/tau",
+    "eval/linear_top1",
+    "eval/knn_top1",
+    "diag/cos_pos",
+    "diag/cos_neg",
+    "diag/z_std",
+]
 
 
-def train(out, *extra: str) -> dict:
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def train(out, uri, *extra: str) -> dict:
     args = [a for s in (*TINY, *extra) for a in ("--set", s)]
     proc = subprocess.run(
         [
@@ -34,13 +93,19 @@ def train(out, *extra: str) -> dict:
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_two_workers_train_report_and_resume(tmp_path):
-    first = train(tmp_path, "epochs=2")
+def steps(client, run_id, key):
+    return [int(m.step) for m in client.get_metric_history(run_id, key)]
+
+
+def test_two_workers_train_track_and_resume(tmp_path, mlflow_server):
+    client = MlflowClient(mlflow_server)
+    first = train(tmp_path, mlflow_server, "epochs=2")
     assert first["epochs"] == 2 and first["linear_top1"] is not None
     payload = load_checkpoint(first["checkpoint"])
     spec = json.loads(payload["spec"])
@@ -48,10 +113,23 @@ def test_two_workers_train_report_and_resume(tmp_path):
     history = json.loads(payload["history"])
     assert [m["epoch"] for m in history] == [1, 2]
 
+    run = client.get_run(first["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.2" and run.data.params["distributed.workers"] == "2"
+    for key in METRICS:
+        assert steps(client, run.info.run_id, key) == [1, 2], key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoints", "figures"} <= artifacts
+    assert client.list_artifacts(run.info.run_id, "checkpoints")[-1].path.endswith("epoch_0002")
+    models = client.search_logged_models([run.info.experiment_id])
+    assert any(m.name == "encoder" and m.source_run_id == run.info.run_id for m in models)
+
     # Same run folder, more epochs: Ray Train restores the latest checkpoint and only epoch 3
-    # runs. Epochs 1-2 are the first run's records, timings included, each exactly once.
-    second = train(tmp_path, "epochs=3")
+    # runs, in the same MLflow run. Epochs 1-2 are the first run's records, timings included.
+    second = train(tmp_path, mlflow_server, "epochs=3")
+    assert second["mlflow_run_id"] == first["mlflow_run_id"] and second["epochs"] == 3
     resumed = json.loads((tmp_path / "metrics.json").read_text())
     assert [m["epoch"] for m in resumed] == [1, 2, 3]
     assert resumed[:2] == history
-    assert second["epochs"] == 3
+    for key in METRICS:
+        assert steps(client, run.info.run_id, key) == [1, 2, 3], key

@@ -34,19 +34,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from byol_core.checkpoint import save_checkpoint
     from byol_core.trainer import Trainer
+    from worker.tracking import EpochLogger
 
     spec = JobSpec.model_validate_json(config["spec"])
     rank = ray.train.get_context().get_world_rank()
     out_dir = Path(tempfile.mkdtemp(prefix=f"byol-rank{rank}-"))
+    logger = EpochLogger(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
 
     def report(epoch: int, metrics: dict[str, float]) -> None:
         # Every worker reports (Ray requires the same number of calls); rank 0 adds the state.
-        if rank != 0:
+        if logger is None:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer.state())
+            path = save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer.state())
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            # After the checkpoint is safe: a crash here is repaired by backfill on resume.
+            logger.log_epoch(metrics)
+            every = spec.checkpoint_every
+            if (every and epoch % every == 0) or epoch >= spec.epochs:
+                logger.log_artifact(path, f"checkpoints/epoch_{epoch:04d}")
 
     trainer = Trainer(
         spec,
@@ -60,6 +67,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             trainer.restore(Path(directory) / CHECKPOINT_FILE)
+        if logger is not None:
+            logger.backfill(trainer.history.epochs)
     trainer.fit()
 
 
@@ -72,18 +81,22 @@ def scaling_config(spec: JobSpec) -> ScalingConfig:
 
 
 def run_distributed(
-    spec: JobSpec, storage_path: str | Path, name: str | None = None, max_failures: int = 3
+    spec: JobSpec,
+    storage_path: str | Path,
+    name: str,
+    tracking: dict[str, str],
+    max_failures: int = 3,
 ) -> ray.train.Result:
     """Train ``spec`` on Ray Train. A run with the same ``name`` and storage resumes from its
-    latest checkpoint."""
+    latest checkpoint. ``tracking``: ``mlflow_uri`` and ``mlflow_run_id`` for rank 0."""
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump_json()},
+        train_loop_config={"spec": spec.model_dump_json(), **tracking},
         scaling_config=scaling_config(spec),
         run_config=RunConfig(
-            name=name or spec.name,
+            name=name,
             storage_path=str(Path(storage_path).resolve()),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -92,24 +105,66 @@ def run_distributed(
     return trainer.fit()
 
 
-def train_from_cli(spec: JobSpec, out_dir: str | Path) -> dict[str, Any]:
-    """``byol train --workers N``: run on Ray, then leave the usual run folder behind
-    (checkpoint.pt, metrics.json, curves.png) and return the one-line summary."""
+def run_job(spec: JobSpec, out_dir: str | Path, run_key: str | None = None) -> dict[str, Any]:
+    """A job end to end: its MLflow run (resumed if ``run_key`` ran before), distributed training,
+    then the final encoder as an MLflow PyTorch model, the figures, and the run folder
+    (checkpoint.pt, metrics.json, curves.png). Returns the one-line summary."""
     import json
     import shutil
     import time
 
     from byol_core.checkpoint import load_checkpoint
     from byol_core.trainer import summarize, write_report
+    from worker.tracking import EpochLogger, start_or_resume_run, tracking_uri
 
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    result = run_distributed(spec, os.environ.get("BYOL_RAY_STORAGE", out_dir / "ray"))
+    out_dir = Path(out_dir).resolve()
+    run_key = run_key or str(out_dir)
+    uri = tracking_uri()
+    run_id = start_or_resume_run(spec, run_key, uri)
+    logger = EpochLogger(uri, run_id)
+    storage = os.environ.get("BYOL_RAY_STORAGE", out_dir / "ray")
+    # Ray run names are path components; the key may be a path.
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_key)[-100:]
+    result = run_distributed(spec, storage, name, {"mlflow_uri": uri, "mlflow_run_id": run_id})
     if result.error:
+        logger.finish("FAILED")
         raise result.error
     final = out_dir / CHECKPOINT_FILE
     with result.checkpoint.as_directory() as directory:
         shutil.copyfile(Path(directory) / CHECKPOINT_FILE, final)
-    history = json.loads(load_checkpoint(final)["history"])
+    payload = load_checkpoint(final)
+    history = json.loads(payload["history"])
     write_report(spec, history, out_dir)
-    return summarize(spec, history, final, time.perf_counter() - started)
+    logger.log_artifact(out_dir / "curves.png", "figures")
+    log_encoder(spec, payload, uri, run_id)
+    logger.finish("FINISHED")
+    summary = summarize(spec, history, final, time.perf_counter() - started)
+    return {**summary, "mlflow_run_id": run_id}
+
+
+def log_encoder(spec: JobSpec, payload: dict[str, Any], uri: str, run_id: str) -> None:
+    """The trained online encoder, as an MLflow PyTorch model named ``encoder``."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    from byol_core.model import BYOL
+
+    model = BYOL(spec.model)
+    # Global-BN runs keep the same parameter and buffer names, so the plain model loads them.
+    model.load_state_dict(payload["model"])
+    size = spec.augment.crop_size
+    # A normalised image batch: the traced (pt2) format needs an example, and it gives the
+    # model a signature.
+    example = torch.zeros(2, 3, size, size)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(
+            model.online.encoder.eval(), name="encoder", input_example=example.numpy()
+        )
+
+
+def train_from_cli(spec: JobSpec, out_dir: str | Path) -> dict[str, Any]:
+    """``byol train --workers N``: the same run folder a local run leaves behind."""
+    return run_job(spec, out_dir)
