@@ -133,3 +133,54 @@ def test_two_workers_train_track_and_resume(tmp_path, mlflow_server):
     assert resumed[:2] == history
     for key in METRICS:
         assert steps(client, run.info.run_id, key) == [1, 2, 3], key
+
+
+def ray_train_workers() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
+
+
+def test_sigkill_of_a_training_worker_mid_epoch(tmp_path, mlflow_server):
+    """Ray Train restarts the worker group from the latest checkpoint; the job finishes with every
+    epoch once in its history and in every MLflow metric history."""
+    client = MlflowClient(mlflow_server)
+    args = [a for s in (*TINY, "epochs=4", "data.train_limit=512") for a in ("--set", s)]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "byol_core.cli",
+            "train",
+            "--workers",
+            "2",
+            "--out",
+            str(tmp_path),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server},
+    )
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            filter_string=f"tags.`byol.run_key` = '{tmp_path}'",
+        )
+        if runs and steps(client, runs[0].info.run_id, "epoch") == [1]:
+            workers = ray_train_workers()
+            if workers:
+                killed = workers[-1]
+                os.kill(killed, 9)
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert killed is not None, "never saw epoch 1 with a live training worker"
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["epochs"] == 4
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4]
+    for key in METRICS:
+        assert steps(client, summary["mlflow_run_id"], key) == [1, 2, 3, 4], key
