@@ -53,39 +53,72 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, count, group):
-        shape = _channel_shape(x)
-        x_hat = (_acc(x) - mean.view(shape)) * invstd.view(shape)
-        y = x_hat
-        if weight is not None:
-            y = y * weight.view(shape) + bias.view(shape)
-        ctx.save_for_backward(x, weight, mean, invstd, count)
-        ctx.group = group
-        return y.to(x.dtype)
+    def forward(ctx, x, weight, bias, mean, var, invstd, count, group, eps):
+        # torch's fused eval-mode kernel normalises with the given (global) statistics in one
+        # pass, for fp32 and for bf16 input with fp32 statistics alike.
+        y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        ctx.save_for_backward(x, weight, mean, var, invstd, count)
+        ctx.group, ctx.eps = group, eps
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, mean, invstd, count = ctx.saved_tensors
-        shape, dims = _channel_shape(x), _reduce_dims(x)
-        g = _acc(grad_out)
-        x_hat = (_acc(x) - mean.view(shape)) * invstd.view(shape)
-        sum_dy = g.sum(dims)
-        sum_dy_xhat = (g * x_hat).sum(dims)
+        x, weight, mean, var, invstd, count = ctx.saved_tensors
+        shape = _channel_shape(x)
+        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+        # One fused reduction gives sum(dy) and sum(dy * x_hat) with the global mean/invstd.
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            grad_out,
+            x,
+            _ones_like(mean) if weight is None else weight,
+            None,
+            None,
+            mean,
+            invstd,
+            True,
+            ctx.eps,
+            [False, True, True],
+        )
         grad_input = grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = sum_dy_xhat.to(weight.dtype)
         if weight is not None and ctx.needs_input_grad[2]:
             grad_bias = sum_dy.to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            sums = torch.cat([sum_dy, sum_dy_xhat])
+            sums = torch.cat([sum_dy, sum_dy_xhat]).to(mean.dtype)
             dist.all_reduce(sums, group=ctx.group)
             mean_dy, mean_dy_xhat = (sums / count).chunk(2)
             scale = invstd if weight is None else weight * invstd
-            grad_input = scale.view(shape) * (
-                g - mean_dy.view(shape) - x_hat * mean_dy_xhat.view(shape)
+            # w invstd (dy - mean_dy - x_hat mean_dy_xhat) = w invstd dy + k x + k0, per channel:
+            # the first term by the fused eval-mode backward, the rest in one addcmul.
+            grad_input, _, _ = torch.ops.aten.native_batch_norm_backward(
+                grad_out,
+                x,
+                _ones_like(mean) if weight is None else weight,
+                mean,
+                var,
+                None,
+                None,
+                False,
+                ctx.eps,
+                [True, False, False],
             )
-            grad_input = grad_input.to(x.dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+            k = -scale * mean_dy_xhat * invstd
+            k0 = -scale * mean_dy - k * mean
+            grad_input = grad_input.addcmul_(x, k.view(shape).to(x.dtype)).add_(
+                k0.view(shape).to(x.dtype)
+            )
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _ones_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(t)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -143,10 +176,11 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
         channels = input.shape[1]
         with torch.no_grad():
+            # Local moments from torch's fused kernel (in fp32: bf16 statistics would be too
+            # coarse), turned into sum and sum of squares in float64 so that
+            # E[x^2] - E[x]^2 cancels only in float64.
             xf = _acc(input.detach())
-            # Local moments by torch's stable one-pass kernel, turned into sum and sum of
-            # squares in float64: E[x^2] - E[x]^2 then cancels only in float64.
-            local_var, local_mean = torch.var_mean(xf, _reduce_dims(xf), correction=0)
+            local_mean, local_var = torch.batch_norm_update_stats(xf, None, None, 0.0)
             n = input.numel() // channels
             local_mean = local_mean.double()
             stats = torch.cat(
@@ -160,13 +194,14 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             count = stats[-1:]
             mean64 = stats[:channels] / count
             var64 = (stats[channels:-1] / count - mean64 * mean64).clamp_min(0)
-            mean, var, count = mean64.to(xf.dtype), var64.to(xf.dtype), count.to(xf.dtype)
+            dtype = xf.dtype
+            mean, var, count = mean64.to(dtype), var64.to(dtype), count.to(dtype)
             invstd = torch.rsqrt(var + self.eps)
             if self.training and self.track_running_stats:
                 self._update_running_stats(mean, var, count)
 
         return _GlobalBatchNormFunction.apply(
-            input, self.weight, self.bias, mean, invstd, count, self.process_group
+            input, self.weight, self.bias, mean, var, invstd, count, self.process_group, self.eps
         )
 
     def _update_running_stats(
