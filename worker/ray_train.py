@@ -97,7 +97,10 @@ def run_distributed(
         scaling_config=scaling_config(spec),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(storage_path).resolve()),
+            # Local paths must be absolute for the workers; URIs (s3://, gs://) pass as they are.
+            storage_path=str(storage_path)
+            if "://" in str(storage_path)
+            else str(Path(storage_path).resolve()),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
