@@ -95,9 +95,6 @@ class History:
 
     epochs: list[dict[str, float]] = field(default_factory=list)
 
-    def last(self) -> dict[str, float]:
-        return self.epochs[-1] if self.epochs else {}
-
 
 class Trainer:
     """Runs a JobSpec in this process on CPU or one GPU."""

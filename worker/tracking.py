@@ -2,9 +2,9 @@
 
 Embedded default: a SQLite store and an artifact folder under ``./mlruns`` (resolved to absolute
 paths in the driver, since Ray workers run elsewhere). ``MLFLOW_TRACKING_URI`` points at a server.
-Metrics are written by rank 0 after the epoch's checkpoint is reported, and a resumed worker first
-back-fills any epoch of its restored history that MLflow is missing: every epoch appears exactly
-once in every metric history.
+Metrics are written by rank 0 after the epoch's checkpoint is reported; an epoch already in the
+run is never written again, and a resumed worker first back-fills any epoch of its restored history
+that MLflow is missing: every epoch appears exactly once in every metric history.
 """
 
 from __future__ import annotations
@@ -76,22 +76,28 @@ class EpochLogger:
     def __init__(self, uri: str, run_id: str) -> None:
         self.client = MlflowClient(uri)
         self.run_id = run_id
+        # Epochs already in the run: a worker group restarted before its first checkpoint was
+        # registered trains epoch 1 again, and must not log it twice.
+        self.done = self.logged_epochs()
 
     def logged_epochs(self) -> set[int]:
         return {int(m.step) for m in self.client.get_metric_history(self.run_id, "epoch")}
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
         epoch, now = int(metrics["epoch"]), int(time.time() * 1000)
+        if epoch in self.done:
+            return
         # "epoch" is logged too: it marks the epoch as done, also for evaluation-only runs.
         batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
         for start in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+        self.done.add(epoch)
 
     def backfill(self, history: list[dict[str, float]]) -> None:
-        done = self.logged_epochs()
+        """Log the restored history's epochs that the run is missing (a crash between the
+        checkpoint and the metrics)."""
         for metrics in history:
-            if int(metrics["epoch"]) not in done:
-                self.log_epoch(metrics)
+            self.log_epoch(metrics)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
