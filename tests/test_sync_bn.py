@@ -136,7 +136,7 @@ def cumulative_running_stats(bn: nn.Module, x: torch.Tensor) -> dict:
 
 
 def offset_input() -> torch.Tensor:
-    # |mean| / std = 1000: fp32 E[x^2] - E[x]^2 over this batch is off by ~8%.
+    # |mean| / std up to 2000: with E[x^2] - E[x]^2 from float32 sums the outputs are off by 0.3.
     return small_data()[0] * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1) + 1000.0
 
 
