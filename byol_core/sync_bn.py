@@ -66,18 +66,10 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
         x, weight, mean, var, invstd, count = ctx.saved_tensors
         shape = _channel_shape(x)
         grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+        w = torch.ones_like(mean) if weight is None else weight
         # One fused reduction gives sum(dy) and sum(dy * x_hat) with the global mean/invstd.
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_out,
-            x,
-            _ones_like(mean) if weight is None else weight,
-            None,
-            None,
-            mean,
-            invstd,
-            True,
-            ctx.eps,
-            [False, True, True],
+            grad_out, x, w, None, None, mean, invstd, True, ctx.eps, [False, True, True]
         )
         grad_input = grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
@@ -92,16 +84,7 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
             # w invstd (dy - mean_dy - x_hat mean_dy_xhat) = w invstd dy + k x + k0, per channel:
             # the first term by the fused eval-mode backward, the rest in one addcmul.
             grad_input, _, _ = torch.ops.aten.native_batch_norm_backward(
-                grad_out,
-                x,
-                _ones_like(mean) if weight is None else weight,
-                mean,
-                var,
-                None,
-                None,
-                False,
-                ctx.eps,
-                [True, False, False],
+                grad_out, x, w, mean, var, None, None, False, ctx.eps, [True, False, False]
             )
             k = -scale * mean_dy_xhat * invstd
             k0 = -scale * mean_dy - k * mean
@@ -109,10 +92,6 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
                 k0.view(shape).to(x.dtype)
             )
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
-
-
-def _ones_like(t: torch.Tensor) -> torch.Tensor:
-    return torch.ones_like(t)
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

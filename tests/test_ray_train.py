@@ -76,20 +76,15 @@ def mlflow_server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
+def byol_train(out, args: list[str]) -> list[str]:
+    cli = [sys.executable, "-m", "byol_core.cli", "train", "--workers", "2"]
+    return [*cli, "--out", str(out), *args]
+
+
 def train(out, uri, *extra: str) -> dict:
     args = [a for s in (*TINY, *extra) for a in ("--set", s)]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "byol_core.cli",
-            "train",
-            "--workers",
-            "2",
-            "--out",
-            str(out),
-            *args,
-        ],
+        byol_train(out, args),
         capture_output=True,
         text=True,
         timeout=600,
@@ -146,17 +141,7 @@ def test_sigkill_of_a_training_worker_mid_epoch(tmp_path, mlflow_server):
     client = MlflowClient(mlflow_server)
     args = [a for s in (*TINY, "epochs=4", "data.train_limit=512") for a in ("--set", s)]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "byol_core.cli",
-            "train",
-            "--workers",
-            "2",
-            "--out",
-            str(tmp_path),
-            *args,
-        ],
+        byol_train(tmp_path, args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
