@@ -38,7 +38,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     spec = JobSpec.model_validate_json(config["spec"])
     rank = ray.train.get_context().get_world_rank()
-    out_dir = Path(tempfile.mkdtemp(prefix=f"byol-rank{rank}-"))
     logger = EpochLogger(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
 
     def report(epoch: int, metrics: dict[str, float]) -> None:
@@ -55,21 +54,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if (every and epoch % every == 0) or epoch >= spec.epochs:
                 logger.log_artifact(path, f"checkpoints/epoch_{epoch:04d}")
 
-    trainer = Trainer(
-        spec,
-        out_dir,
-        device=rt.get_device(),
-        progress=False,
-        on_epoch_end=report,
-        wrap_online=rt.prepare_model,
-    )
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            trainer.restore(Path(directory) / CHECKPOINT_FILE)
-        if logger is not None:
-            logger.backfill(trainer.history.epochs)
-    trainer.fit()
+    # The worker's own run folder is scratch: Ray Train's storage holds the checkpoints.
+    with tempfile.TemporaryDirectory(prefix=f"byol-rank{rank}-") as out_dir:
+        trainer = Trainer(
+            spec,
+            out_dir,
+            device=rt.get_device(),
+            progress=False,
+            on_epoch_end=report,
+            wrap_online=rt.prepare_model,
+        )
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as directory:
+                trainer.restore(Path(directory) / CHECKPOINT_FILE)
+            if logger is not None:
+                logger.backfill(trainer.history.epochs)
+        trainer.fit()
 
 
 def scaling_config(spec: JobSpec) -> ScalingConfig:
@@ -122,6 +123,7 @@ def run_job(spec: JobSpec, out_dir: str | Path, run_key: str | None = None) -> d
 
     started = time.perf_counter()
     out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
     run_key = run_key or str(out_dir)
     uri = tracking_uri()
     run_id = start_or_resume_run(spec, run_key, uri)
