@@ -62,16 +62,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.gpu:
         args.overrides.append("distributed.use_gpu=true")
     spec = spec_from_args(args)
+    out_dir = args.out or default_out_dir_name(spec)
     if spec.distributed.workers > 1 or os.environ.get("RAY_ADDRESS"):
         # Data-parallel training lives in the worker package; found by entry point, not import.
         (backend,) = entry_points(group="byol.backends", name="ray")
-        out_dir = args.out or default_out_dir_name(spec)
         print(json.dumps(backend.load()(spec, out_dir)))
         return 0
     # torch is imported only here: listing presets or printing a spec stays instant.
     from byol_core.trainer import Trainer
 
-    out_dir = args.out or default_out_dir_name(spec)
     quiet = args.quiet
 
     def report(epoch: int, metrics: dict[str, Any]) -> None:

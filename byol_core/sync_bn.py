@@ -22,16 +22,12 @@ from torch import nn
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
-
-
 def _channel_shape(x: torch.Tensor) -> list[int]:
     return [1, x.shape[1]] + [1] * (x.dim() - 2)
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
-    # Statistics and normalisation in at least float32: bf16/fp16 input is upcast, fp64 stays.
+    # Batch statistics in at least float32: bf16/fp16 input is upcast, fp64 stays.
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 

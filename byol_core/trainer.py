@@ -11,7 +11,6 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +88,6 @@ def train_step(
     return loss.detach(), batch_stats(z, z_target)
 
 
-@dataclass
-class History:
-    """Per-epoch metrics, kept in the checkpoint so a resumed run reports each epoch once."""
-
-    epochs: list[dict[str, float]] = field(default_factory=list)
-
-
 class Trainer:
     """Runs a JobSpec in this process on CPU or one GPU."""
 
@@ -135,7 +127,8 @@ class Trainer:
         self.ema_pairs = self.model.target_pairs()
         self.epoch = 0
         self.step = 0
-        self.history = History()
+        # Per-epoch metrics, kept in the checkpoint so a resumed run reports each epoch once.
+        self.history: list[dict[str, float]] = []
         n = self.data.pretrain.images.shape[0]
         self.steps_per_epoch = n // spec.batch_size
         self.local_batch = spec.batch_size // self.world_size
@@ -163,7 +156,7 @@ class Trainer:
             "loss": self.loss_fn.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "augment": self.generator.get_state()},
-            "history": json.dumps(self.history.epochs),
+            "history": json.dumps(self.history),
         }
 
     def save(self) -> Path:
@@ -180,14 +173,14 @@ class Trainer:
         torch.set_rng_state(payload["rng"]["torch"].cpu())
         self.generator.set_state(payload["rng"]["augment"].cpu())
         self.epoch, self.step = int(payload["epoch"]), int(payload["step"])
-        self.history = History(json.loads(payload["history"]))
+        self.history = json.loads(payload["history"])
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs (evaluating as the spec says) and return the summary."""
         started = time.perf_counter()
         if not self.spec.pretrain:
-            if not self.history.epochs:
+            if not self.history:
                 self._end_epoch(0, {**self.evaluate(), **self.collapse_probe()})
         else:
             while self.epoch < self.spec.epochs:
@@ -199,7 +192,7 @@ class Trainer:
         return self.summary(path, time.perf_counter() - started)
 
     def write_report(self) -> None:
-        write_report(self.spec, self.history.epochs, self.out_dir)
+        write_report(self.spec, self.history, self.out_dir)
 
     def _end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self.epoch = epoch
@@ -207,7 +200,7 @@ class Trainer:
         if self.rank == 0 and self._eval_due(epoch) and "eval/linear_top1" not in metrics:
             metrics.update(self.evaluate())
         metrics["epoch"] = epoch
-        self.history.epochs.append(metrics)
+        self.history.append(metrics)
         every = self.spec.checkpoint_every
         if self.rank == 0 and every and epoch % every == 0:
             self.save()
@@ -332,7 +325,7 @@ class Trainer:
         return metrics
 
     def summary(self, checkpoint: Path | None, seconds: float) -> dict[str, Any]:
-        return summarize(self.spec, self.history.epochs, checkpoint, seconds)
+        return summarize(self.spec, self.history, checkpoint, seconds)
 
 
 def write_report(spec: JobSpec, history: list[dict[str, float]], out_dir: str | Path) -> None:
@@ -362,4 +355,3 @@ def summarize(
         "checkpoint": str(checkpoint) if checkpoint else None,
         "seconds": round(seconds, 2),
     }
-

@@ -41,12 +41,12 @@ def test_same_seed_same_run(tmp_path, shapes):
     b = Trainer(spec, tmp_path / "b", data=shapes, progress=False)
     a.fit()
     b.fit()
-    assert a.history.epochs[0]["train/loss"] == b.history.epochs[0]["train/loss"]
+    assert a.history[0]["train/loss"] == b.history[0]["train/loss"]
     for k, v in weights(a).items():
         assert torch.equal(v, weights(b)[k]), k
     c = Trainer(small("byol", "epochs=1", "seed=1"), tmp_path / "c", data=shapes, progress=False)
     c.fit()
-    assert c.history.epochs[0]["train/loss"] != a.history.epochs[0]["train/loss"]
+    assert c.history[0]["train/loss"] != a.history[0]["train/loss"]
 
 
 def test_target_moves_by_ema_and_online_encoder_is_trained(tmp_path, shapes):
@@ -72,9 +72,9 @@ def test_resume_continues_exactly(tmp_path, shapes):
     path = first.save()
     second = Trainer(spec, tmp_path / "part2", data=shapes, progress=False)
     second.restore(path)
-    assert second.epoch == 1 and len(second.history.epochs) == 1
+    assert second.epoch == 1 and len(second.history) == 1
     second.fit()
-    assert [m["epoch"] for m in second.history.epochs] == [1, 2]
+    assert [m["epoch"] for m in second.history] == [1, 2]
     for k, v in weights(full).items():
         assert torch.equal(v, weights(second)[k]), k
 
@@ -113,7 +113,7 @@ def test_standard_protocol_and_lars_run(tmp_path, shapes):
     t = Trainer(spec, tmp_path, data=shapes, progress=False)
     summary = t.fit()
     assert 0 <= summary["linear_top1"] <= 100
-    assert any(k.startswith("lars/trust/encoder.") for k in t.history.epochs[-1])
+    assert any(k.startswith("lars/trust/encoder.") for k in t.history[-1])
 
 
 def test_cli_train_ends_with_json_summary(tmp_path):

@@ -69,7 +69,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with checkpoint.as_directory() as directory:
                 trainer.restore(Path(directory) / CHECKPOINT_FILE)
             if logger is not None:
-                logger.backfill(trainer.history.epochs)
+                logger.backfill(trainer.history)
         trainer.fit()
 
 
