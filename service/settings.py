@@ -7,6 +7,7 @@ are validated once at start-up, and a bad value stops the process with one line 
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,6 +54,13 @@ class Settings(BaseSettings):
         description="Base URL of the MLflow UI for job links (default: the tracking URI "
         "when it is http).",
     )
+
+    def mlflow_ui(self) -> str | None:
+        """Base URL for links to MLflow runs: the setting, else an http tracking URI."""
+        if self.mlflow_ui_url:
+            return self.mlflow_ui_url.rstrip("/")
+        tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+        return tracking.rstrip("/") if tracking.startswith(("http://", "https://")) else None
 
     @field_validator("database_url")
     @classmethod

@@ -1,0 +1,65 @@
+"""What the service refuses in a spec beyond JobSpec's own validation.
+
+Dataset paths (``data.root``, ``data.path``) must lie inside the operator's data root. Relative
+paths are resolved against the working directory, as the trainer resolves them, so the API and
+the workers must share it (or the operator sets an absolute BYOL_DATA_ROOT and specs use
+absolute paths). ``~`` is expanded and symlinks are followed: a link inside the root that leads
+outside it is refused.
+
+Text must also be storable: PostgreSQL refuses NUL characters, and JSON may carry lone UTF-16
+surrogates that cannot be encoded; either would otherwise fail at INSERT time as a 500.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from byol_core.spec import JobSpec
+
+
+def resolved(path: str | Path) -> Path:
+    return Path(os.path.expanduser(path)).resolve()
+
+
+def inside(path: str, root: Path) -> bool:
+    try:
+        candidate = resolved(path)
+    except (OSError, RuntimeError, ValueError):
+        # Unresolvable (a symlink loop, a NUL byte): not provably inside, so refused.
+        return False
+    return candidate.is_relative_to(root)
+
+
+def paths_outside_root(spec: JobSpec, data_root: Path) -> Iterator[tuple[str, str]]:
+    root = resolved(data_root)
+    for field, value in (("data.root", spec.data.root), ("data.path", spec.data.path)):
+        if value is not None and not inside(value, root):
+            yield field, f"must lie inside the data root {root} (got {value!r})"
+
+
+def unstorable_text(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, str]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from unstorable_text(item, (*path, str(key)))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from unstorable_text(item, (*path, str(index)))
+    elif isinstance(value, str):
+        if "\x00" in value:
+            yield ".".join(path), "must not contain NUL characters"
+        else:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                yield ".".join(path), "must be valid Unicode text (lone surrogate)"
+
+
+def problems(spec: JobSpec, document: dict[str, Any], data_root: Path) -> list[tuple[str, str]]:
+    """(dotted field, message) for each refusal; ``document`` is the spec as it is stored."""
+    found = list(unstorable_text(document))
+    if not found:
+        found = list(paths_outside_root(spec, data_root))
+    return found

@@ -1,0 +1,101 @@
+"""``byol submit``, ``byol status`` and ``byol serve``, plugged into the ``byol`` command through
+the ``byol.commands`` entry point (``register``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from byol_core.errors import ByolError
+from byol_core.presets import load_document, resolve_spec
+from service.client import ApiClient, default_url
+
+SHOWN = ("id", "name", "status", "owner", "attempts", "progress", "mlflow", "result", "error")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("submit", help="submit a spec file as a job to the job API")
+    p.add_argument("spec_file", help="YAML or JSON spec, resolved exactly as `byol train` does")
+    p.add_argument("--preset", "--variant", dest="variant", help="study variant, e.g. no_norm")
+    p.add_argument("--base", help="preset base")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field by dotted path (repeatable)",
+    )
+    _connection_arguments(p)
+    p.add_argument("--token", help="API token (default: $BYOL_API_TOKEN)")
+    p.add_argument("--idempotency-key", help="reuse to make a repeated submit return the same job")
+    p.add_argument("--wait", action="store_true", help="follow the job until it finishes")
+    p.set_defaults(func=cmd_submit)
+
+    p = subparsers.add_parser("status", help="show a job of the job API")
+    p.add_argument("job_id", metavar="ID")
+    _connection_arguments(p)
+    p.add_argument("--wait", action="store_true", help="follow the job until it finishes")
+    p.set_defaults(func=cmd_status)
+
+    p = subparsers.add_parser("serve", help="run the job API (uvicorn)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="server processes")
+    p.set_defaults(func=cmd_serve)
+
+
+def _connection_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help=f"API base URL (default: $BYOL_API_URL or {default_url()})")
+
+
+def _summary(job: dict[str, Any]) -> str:
+    return json.dumps({k: job.get(k) for k in SHOWN if job.get(k) is not None})
+
+
+def _follow(client: ApiClient, job_id: str) -> dict[str, Any]:
+    for event in client.stream(job_id):
+        progress = event.get("progress") or {}
+        epoch = (
+            f" epoch {progress['epoch']}/{progress.get('epochs')}" if progress.get("epoch") else ""
+        )
+        print(f"{job_id}: {event['status']}{epoch}", file=sys.stderr, flush=True)
+    return client.wait(job_id)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get("BYOL_API_TOKEN")
+    if not token:
+        raise ByolError("submit needs an API token: pass --token or set BYOL_API_TOKEN")
+    document = load_document(args.spec_file)
+    spec = resolve_spec(document, base=args.base, variant=args.variant, overrides=args.overrides)
+    with ApiClient(args.url, token) as client:
+        job = client.submit(spec.model_dump(mode="json"), args.idempotency_key)
+        if args.wait:
+            job = _follow(client, job["id"])
+    print(_summary(job))
+    return 0 if not args.wait or job["status"] == "succeeded" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with ApiClient(args.url) as client:
+        job = _follow(client, args.job_id) if args.wait else client.status(args.job_id)
+    print(_summary(job))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    # An import string: with several workers every process builds its own app.
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+    )
+    return 0
