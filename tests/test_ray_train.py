@@ -169,3 +169,27 @@ def test_sigkill_of_a_training_worker_mid_epoch(tmp_path, mlflow_server):
     assert [m["epoch"] for m in history] == [1, 2, 3, 4]
     for key in METRICS:
         assert steps(client, summary["mlflow_run_id"], key) == [1, 2, 3, 4], key
+
+
+def test_an_error_inside_a_training_worker_reaches_the_cli_as_one_line(tmp_path, mlflow_server):
+    """A missing dataset is found inside the Ray workers; the user gets its message, not Ray's
+    traceback, and the MLflow run is marked failed."""
+    missing = tmp_path / "nowhere"
+    args = ["--set", "data.name=imagefolder", "--set", f"data.path={missing}"]
+    proc = subprocess.run(
+        byol_train(tmp_path / "run", args),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("byol: error: imagefolder path") and str(missing) in last
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`byol.run_key` = '{tmp_path / 'run'}'",
+    )
+    assert [r.info.status for r in runs] == ["FAILED"]

@@ -20,9 +20,16 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+)
 from ray.train.torch import TorchTrainer
 
+from byol_core.errors import ByolError
 from byol_core.spec import JobSpec
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -91,7 +98,11 @@ def run_distributed(
     """Train ``spec`` on Ray Train. A run with the same ``name`` and storage resumes from its
     latest checkpoint. ``tracking``: ``mlflow_uri`` and ``mlflow_run_id`` for rank 0."""
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        # Worker output stays in Ray's session logs: a failed run ends in one line that points
+        # there, not in every worker's traceback repeated on the console.
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False
+        )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump_json(), **tracking},
@@ -109,10 +120,13 @@ def run_distributed(
     return trainer.fit()
 
 
-def run_job(spec: JobSpec, out_dir: str | Path, run_key: str | None = None) -> dict[str, Any]:
+def run_job(
+    spec: JobSpec, out_dir: str | Path, run_key: str | None = None, uri: str | None = None
+) -> dict[str, Any]:
     """A job end to end: its MLflow run (resumed if ``run_key`` ran before), distributed training,
     then the final encoder as an MLflow PyTorch model, the figures, and the run folder
-    (checkpoint.pt, metrics.json, curves.png). Returns the one-line summary."""
+    (checkpoint.pt, metrics.json, curves.png). Returns the one-line summary. ``uri``: the MLflow
+    tracking URI (default: ``MLFLOW_TRACKING_URI`` or the embedded store)."""
     import json
     import shutil
     import time
@@ -122,19 +136,22 @@ def run_job(spec: JobSpec, out_dir: str | Path, run_key: str | None = None) -> d
     from worker.tracking import EpochLogger, start_or_resume_run, tracking_uri
 
     started = time.perf_counter()
+    if not os.environ.get("RAY_ADDRESS"):
+        preflight(spec)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     run_key = run_key or str(out_dir)
-    uri = tracking_uri()
+    uri = uri or tracking_uri()
     run_id = start_or_resume_run(spec, run_key, uri)
     logger = EpochLogger(uri, run_id)
     storage = os.environ.get("BYOL_RAY_STORAGE", out_dir / "ray")
     # Ray run names are path components; the key may be a path.
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_key)[-100:]
-    result = run_distributed(spec, storage, name, {"mlflow_uri": uri, "mlflow_run_id": run_id})
-    if result.error:
+    try:
+        result = run_distributed(spec, storage, name, {"mlflow_uri": uri, "mlflow_run_id": run_id})
+    except TrainingFailedError as exc:
         logger.finish("FAILED")
-        raise result.error
+        raise user_error(exc) from exc
     final = out_dir / CHECKPOINT_FILE
     with result.checkpoint.as_directory() as directory:
         shutil.copyfile(Path(directory) / CHECKPOINT_FILE, final)
@@ -146,6 +163,50 @@ def run_job(spec: JobSpec, out_dir: str | Path, run_key: str | None = None) -> d
     logger.finish("FINISHED")
     summary = summarize(spec, history, final, time.perf_counter() - started)
     return {**summary, "mlflow_run_id": run_id}
+
+
+def preflight(spec: JobSpec) -> None:
+    """Load the data once in this process before any Ray worker starts. On one machine the
+    workers share this process's files, so a missing dataset fails here at once instead of
+    after Ray Train's restarts, and a slow first decode fills the cache the workers then read.
+    (On a cluster the data may live only on the worker nodes, so this is skipped there.)"""
+    from byol_core.data import load_data
+
+    load_data(spec.data, seed=spec.seed)
+
+
+def user_error(error: BaseException) -> ByolError:
+    """The one-line error a user sees for a failed Ray Train run: the ByolError raised inside a
+    training worker (a missing dataset, say) when there is one, else the root exception's type
+    and message. Ray wraps worker errors in WorkerGroupError / ControllerError / RayTaskError."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    root = error
+    while pending:
+        exc = pending.pop(0)
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, ByolError):
+            return exc
+        nested = [
+            *getattr(exc, "worker_failures", {}).values(),
+            getattr(exc, "controller_failure", None),
+            getattr(exc, "cause", None),
+            exc.__cause__,
+        ]
+        children = [e for e in nested if isinstance(e, BaseException)]
+        if not children:
+            root = exc
+        pending.extend(children)
+    from byol_core.trainer import TrainingError
+
+    message = str(root).strip().splitlines()
+    detail = message[-1] if message else ""
+    return TrainingError(
+        f"training failed on Ray Train: {type(root).__name__}: {detail} (worker logs: Ray's "
+        "session folder, /tmp/ray/session_latest/logs)"
+    )
 
 
 def log_encoder(spec: JobSpec, payload: dict[str, Any], uri: str, run_id: str) -> None:
