@@ -33,8 +33,8 @@ def inside(path: str, root: Path) -> bool:
     return candidate.is_relative_to(root)
 
 
-def paths_outside_root(spec: JobSpec, data_root: Path) -> Iterator[tuple[str, str]]:
-    root = resolved(data_root)
+def paths_outside_root(spec: JobSpec, root: Path) -> Iterator[tuple[str, str]]:
+    """``root``: the data root, already resolved."""
     for field, value in (("data.root", spec.data.root), ("data.path", spec.data.path)):
         if value is not None and not inside(value, root):
             yield field, f"must lie inside the data root {root} (got {value!r})"
@@ -57,9 +57,10 @@ def unstorable_text(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[st
                 yield ".".join(path), "must be valid Unicode text (lone surrogate)"
 
 
-def problems(spec: JobSpec, document: dict[str, Any], data_root: Path) -> list[tuple[str, str]]:
-    """(dotted field, message) for each refusal; ``document`` is the spec as it is stored."""
+def problems(spec: JobSpec, document: dict[str, Any], root: Path) -> list[tuple[str, str]]:
+    """(dotted field, message) for each refusal; ``document`` is the spec as it is stored,
+    ``root`` the resolved data root."""
     found = list(unstorable_text(document))
     if not found:
-        found = list(paths_outside_root(spec, data_root))
+        found = list(paths_outside_root(spec, root))
     return found

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis as AsyncRedis
 
 from service import errors, routes
+from service.admission import resolved
 from service.db import make_engine, make_sessions, migrate
 from service.deps import Services
 from service.limits import BodyLimit
@@ -45,7 +46,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(migrate, settings.database_url)
-        engine = make_engine(settings.database_url)
+        # Sync endpoints run in the threadpool, each using one connection at most: a pool as
+        # large as the threadpool never opens a connection per request (a few more are kept
+        # for the event streams' lookups, which also run there but briefly).
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_concurrency
+        engine = make_engine(
+            settings.database_url, pool_size=settings.api_concurrency, max_overflow=4
+        )
         queue = Queue(settings.redis_url, settings.redis_prefix)
         events_redis = AsyncRedis.from_url(
             settings.redis_url,
@@ -61,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             queue=queue,
             events_redis=events_redis,
             mlflow_ui=settings.mlflow_ui(),
+            data_root=resolved(settings.data_root),
         )
         try:
             yield

@@ -82,7 +82,12 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int = 20, pre_ping: bool = True
+) -> Engine:
+    """``pool_size``: connections kept open (PostgreSQL). Size it to the concurrency that uses
+    the engine: connections beyond it are opened and closed per use, which costs a new server
+    process each time."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
 
@@ -94,7 +99,9 @@ def make_engine(url: str) -> Engine:
             dbapi_connection.execute("PRAGMA busy_timeout=30000")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(
+        url, pool_pre_ping=pre_ping, pool_size=pool_size, max_overflow=max_overflow
+    )
 
 
 def make_sessions(engine: Engine) -> sessionmaker:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -22,6 +23,7 @@ class Services:
     queue: Queue
     events_redis: AsyncRedis
     mlflow_ui: str | None
+    data_root: Path  # resolved once: it does not move while the service runs
 
 
 # async: a plain attribute read, not worth a trip through the threadpool

@@ -44,10 +44,8 @@ def create_job(
     """Insert a queued job; returns (job, created). A repeated idempotency key with the same
     spec returns the first job; with another spec it raises Conflict."""
     spec_digest = digest(spec)
-    if idempotency_key is not None:
-        found = _by_key(session, owner, idempotency_key)
-        if found is not None:
-            return _same_or_conflict(found, spec_digest), False
+    # Insert first and look the key up only when the insert collides: a retry is the rare
+    # case, and the unique (owner, key) constraint decides races between retries anyway.
     job = Job(
         id=str(uuid.uuid4()),
         name=spec.get("name", "byol"),
@@ -65,7 +63,7 @@ def create_job(
     try:
         session.commit()
     except IntegrityError:
-        # Two retries raced on one key: the other insert won.
+        # The key was used before (or by a concurrent retry that won the race).
         session.rollback()
         found = _by_key(session, owner, idempotency_key) if idempotency_key else None
         if found is None:

@@ -94,7 +94,7 @@ def create_job(
     ] = None,
 ) -> JobDetail:
     document = spec.model_dump(mode="json")
-    refused = admission.problems(spec, document, svc.settings.data_root)
+    refused = admission.problems(spec, document, svc.data_root)
     if refused:
         raise RequestValidationError(
             [

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
         default_factory=list, description="Users who may cancel anyone's job (JSON list)."
     )
     max_body_bytes: int = Field(64 * 1024, gt=0, description="Larger request bodies get 413.")
+    api_concurrency: int = Field(
+        16,
+        gt=0,
+        description="Requests one API process serves at once (its threadpool), each holding at "
+        "most one database connection; further requests wait their turn.",
+    )
     max_attempts: int = Field(3, gt=0, description="Runs of a job before it fails for good.")
     lease_seconds: float = Field(
         15.0, gt=0, description="A worker that misses heartbeats this long loses its job."
