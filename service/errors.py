@@ -4,6 +4,7 @@ ones FastAPI and Starlette raise themselves (404 of unknown routes, 405, malform
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 LOCATIONS = ("body", "query", "header", "path", "cookie")
 SHOWN_INPUT_CHARS = 80
+DOTTED = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z0-9_]+)*")
 
 
 def error_response(
@@ -49,7 +51,13 @@ def field_error(err: dict[str, Any]) -> FieldError:
         if len(shown) > SHOWN_INPUT_CHARS:
             shown = shown[:SHOWN_INPUT_CHARS] + "…"
         message = f"{message} (got {shown})"
-    return FieldError(field=".".join(str(p) for p in loc), location=location, message=message)
+    field = ".".join(str(p) for p in loc)
+    # JobSpec's cross-field validators report on their section (or the whole spec) but start
+    # the message with the exact field, e.g. "data.path is required when ...": name that one.
+    named = message.split(" ", 1)[0]
+    if DOTTED.fullmatch(named) and (not field or named.startswith(f"{field}.")):
+        field = named
+    return FieldError(field=field, location=location, message=message)
 
 
 def one_line(errors: Sequence[FieldError]) -> str:

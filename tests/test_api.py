@@ -167,6 +167,8 @@ def test_concurrent_posts_with_one_key_create_one_job(client: TestClient, api_se
         ({"batch_size": "many"}, "batch_size"),
         ({"ema": {"schedule": "linear"}}, "ema.schedule"),
         ({"augment": {"crop_scale": [0.2, 1.0, 3.0]}}, "augment.crop_scale"),
+        ({"data": {"name": "imagefolder"}}, "data.path"),  # a cross-field rule
+        ({"batch_size": 30, "distributed": {"workers": 4}}, "batch_size"),
     ],
 )
 def test_invalid_spec_is_422_naming_the_field(
