@@ -1,0 +1,257 @@
+"""The service end to end, as it runs in production: a uvicorn API, `byol worker` processes on
+a local Ray cluster, the real PostgreSQL, a real Redis server and a real MLflow server.
+
+Redis here is a private `redis-server` on a free port, so that one test can restart it empty
+without disturbing anything else on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow.tracking import MlflowClient
+
+from byol_core.presets import deep_merge
+from tests.conftest import free_port, settings_env
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+
+TOKEN = "e2e-token"
+TINY = {
+    "epochs": 2,
+    "batch_size": 64,
+    "data": {"train_limit": 256, "eval_limit": 200},
+    "model": {
+        "encoder": {"width": 8},
+        "projector": {"hidden_dim": 64},
+        "predictor": {"hidden_dim": 64},
+        "projection_dim": 32,
+    },
+}
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class RedisServer:
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.folder = folder
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", str(self.folder),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        for _ in range(100):
+            ping = subprocess.run(
+                ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True
+            )
+            if ping.stdout.strip() == "PONG":
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_url(tmp_path_factory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.25)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def service(settings, private_redis, mlflow_url, api_server, tmp_path):
+    """The API plus a way to start workers, all on one settings object."""
+    config = settings(
+        redis_url=private_redis.url,
+        api_tokens={"alice": TOKEN},
+        lease_seconds=4.0,
+        poll_seconds=0.5,
+        mlflow_ui_url=mlflow_url,
+    )
+    api = api_server(config)
+    workers: list[subprocess.Popen] = []
+
+    def start_worker(*args: str) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("BYOL_")}
+        env.update(settings_env(config), MLFLOW_TRACKING_URI=mlflow_url)
+        log = (tmp_path / f"worker-{len(workers)}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "byol_core.cli", "worker", *args],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the worker and the Ray cluster it starts, killable as one
+        )
+        workers.append(proc)
+        return proc
+
+    yield api.url, start_worker, config.data_root
+    for proc in workers:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def submit(url: str, data_root: Path, spec: dict) -> dict:
+    # Relative dataset paths are the service's business; an absolute one inside its data root
+    # is what a user of a shared deployment writes.
+    body = deep_merge(deep_merge(TINY, {"data": {"root": str(data_root)}}), spec)
+    response = httpx.post(f"{url}/jobs", json=body, headers=AUTH, timeout=10)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def wait_for(url: str, job_id: str, done: Callable[[dict], bool], timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/jobs/{job_id}", timeout=10).json()
+        if done(job):
+            return job
+        time.sleep(0.25)
+    pytest.fail(f"job {job_id} never reached the expected state; last seen: {job}")
+
+
+def finished(job: dict) -> bool:
+    return job["status"] in ("succeeded", "failed", "cancelled")
+
+
+def ray_train_workers() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
+
+
+def test_a_job_runs_from_post_to_succeeded_with_its_curves_in_mlflow(service, mlflow_url):
+    url, start_worker, root = service
+    job = submit(url, root, {"name": "lifecycle"})
+    assert job["status"] == "queued"
+    start_worker()
+    running = wait_for(url, job["id"], lambda j: j["status"] != "queued")
+    assert running["status"] in ("running", "succeeded"), running
+    done = wait_for(url, job["id"], finished)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 1
+    assert done["progress"]["epoch"] == 2 and done["progress"]["epochs"] == 2
+    assert done["result"]["linear_top1"] is not None
+
+    client = MlflowClient(mlflow_url)
+    run = client.get_run(done["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    steps = [int(m.step) for m in client.get_metric_history(run.info.run_id, "eval/linear_top1")]
+    assert steps == [1, 2]
+    figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
+    assert "figures/curves.png" in figures
+    link = done["mlflow"]["url"]
+    assert link == f"{mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def test_cancelling_a_running_job_stops_ray_within_ten_seconds(service, mlflow_url):
+    url, start_worker, root = service
+    job = submit(url, root, {"name": "cancel-me", "epochs": 50})
+    start_worker()
+    wait_for(url, job["id"], lambda j: j["status"] == "running" and bool(ray_train_workers()))
+    asked = time.monotonic()
+    response = httpx.post(f"{url}/jobs/{job['id']}/cancel", headers=AUTH, timeout=10)
+    assert response.status_code in (200, 202), response.text
+    done = wait_for(url, job["id"], finished, timeout=10)
+    assert done["status"] == "cancelled"
+    while ray_train_workers() and time.monotonic() - asked < 10:
+        time.sleep(0.2)
+    assert not ray_train_workers(), "Ray training workers still alive 10 s after cancel"
+    run = MlflowClient(mlflow_url).get_run(done["mlflow"]["run_id"])
+    assert run.info.status == "KILLED"
+
+
+def test_a_killed_worker_loses_its_lease_and_the_job_resumes(service, mlflow_url):
+    url, start_worker, root = service
+    job = submit(url, root, {"name": "survivor", "epochs": 4, "data": {"train_limit": 512}})
+    first = start_worker()
+    client = MlflowClient(mlflow_url)
+
+    def epoch_one_logged(j: dict) -> bool:
+        run_id = (j.get("mlflow") or {}).get("run_id")
+        return bool(run_id) and bool(client.get_metric_history(run_id, "epoch"))
+
+    seen = wait_for(url, job["id"], epoch_one_logged)
+    os.killpg(first.pid, signal.SIGKILL)  # the worker, its driver task and its Ray cluster
+    first.wait(10)
+    start_worker()
+    done = wait_for(url, job["id"], finished, timeout=400)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2
+    assert done["mlflow"]["run_id"] == seen["mlflow"]["run_id"]
+    for key in ("epoch", "train/loss", "eval/linear_top1", "diag/cos_pos"):
+        steps = [int(m.step) for m in client.get_metric_history(done["mlflow"]["run_id"], key)]
+        assert steps == [1, 2, 3, 4], key
+
+
+def test_jobs_queued_when_redis_restarts_empty_all_run(service, private_redis):
+    url, start_worker, root = service
+    queued = [submit(url, root, {"name": f"survive-redis-{i}", "epochs": 1}) for i in range(2)]
+    private_redis.stop()  # the stream and its dispatch messages are gone
+    private_redis.start()
+    start_worker()
+    for job in queued:
+        done = wait_for(url, job["id"], finished)
+        assert done["status"] == "succeeded", done

@@ -1,0 +1,239 @@
+"""``byol worker``: take jobs from the service's queue and run them on Ray Train.
+
+One job at a time per worker process. The job's driver (``run_job``: MLflow run, Ray Train
+run, final model) runs as a Ray task, so this process stays free to renew the job's lease,
+notice cancellation and publish progress. Killing the task with ``ray.cancel(force=True)``
+takes the Ray Train controller and its training workers with it (Ray ties an actor's life to
+its owner's), which is how cancellation stops a run within seconds.
+
+A worker that dies simply stops renewing its lease; another worker claims the job when the
+lease expires and runs it again with the same run key, so Ray Train resumes from the latest
+checkpoint and MLflow continues the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+import ray
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from byol_core.errors import ByolError
+from byol_core.spec import JobSpec
+from service import jobs
+from service.db import Job, Status, make_engine, make_sessions, migrate
+from service.queue import Queue
+from service.settings import Settings, load_settings
+from worker.tracking import start_or_resume_run, tracking_uri
+
+log = logging.getLogger("byol.worker")
+
+PROGRESS_KEYS = (
+    "train/loss",
+    "eval/linear_top1",
+    "eval/knn_top1",
+    "diag/cos_pos",
+    "diag/cos_neg",
+    "diag/z_std",
+)
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def drive(spec_json: str, out_dir: str, run_key: str, uri: str) -> dict[str, Any]:
+    """The job's driver, inside Ray: it asks for no CPU so that the training workers it
+    starts get every core of a small machine."""
+    from worker.ray_train import run_job
+
+    return run_job(JobSpec.model_validate_json(spec_json), out_dir, run_key=run_key, uri=uri)
+
+
+class JobRunner:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        migrate(settings.database_url)
+        self.sessions = make_sessions(make_engine(settings.database_url))
+        self.queue = Queue(settings.redis_url, settings.redis_prefix)
+        self.uri = tracking_uri()
+        self.stopping = threading.Event()
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def serve(self, max_jobs: int | None = None) -> None:
+        if not ray.is_initialized():
+            ray.init(
+                address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False
+            )
+        log.info("worker %s ready (database %s)", self.name, self.settings.database_url)
+        done = 0
+        while not self.stopping.is_set() and (max_jobs is None or done < max_jobs):
+            job = self.next_job()
+            if job is not None:
+                self.run(job)
+                done += 1
+
+    def next_job(self) -> Job | None:
+        """A job announced on the stream, else any claimable job in SQL: one that Redis never
+        carried (it was down, or restarted empty) or one whose worker died."""
+        started = time.monotonic()
+        announced = self.queue.receive(self.name, block_ms=int(self.settings.poll_seconds * 1000))
+        with self.sessions() as session:
+            for job_id in announced:
+                job = jobs.claim(session, self.name, self.settings.lease_seconds, job_id)
+                if job is not None:
+                    return job
+            job = jobs.claim(session, self.name, self.settings.lease_seconds)
+        if job is None and not announced:
+            # Redis down returns at once: do not spin.
+            self.stopping.wait(max(0.0, self.settings.poll_seconds - (time.monotonic() - started)))
+        return job
+
+    # --- one job -------------------------------------------------------------------------------
+
+    def run(self, job: Job) -> None:
+        log.info("job %s: attempt %d of %d", job.id, job.attempts, job.max_attempts)
+        try:
+            spec = JobSpec.model_validate(job.spec)
+            run_id = start_or_resume_run(spec, job.id, self.uri)
+        except Exception as exc:  # an unusable spec or tracking store: fail the job, not us
+            self.settle(job.id, Status.failed, error=f"could not start: {exc}")
+            return
+        experiment_id = MlflowClient(self.uri).get_run(run_id).info.experiment_id
+        # The experiment id rides along so the API can link the MLflow UI while the job runs.
+        progress = {
+            "epoch": 0,
+            "epochs": spec.epochs,
+            "metrics": {},
+            "experiment_id": experiment_id,
+        }
+        with self.sessions() as session:
+            jobs.record(
+                session,
+                job.id,
+                self.name,
+                mlflow_run_id=run_id,
+                progress=progress,
+            )
+        self.queue.publish(job.id, {"status": Status.running, "progress": progress})
+        out_dir = Path(self.settings.runs_dir).resolve() / job.id
+        task = drive.remote(spec.model_dump_json(), str(out_dir), job.id, self.uri)
+        watcher = ProgressWatcher(self.uri, run_id, progress)
+        beat_every = self.settings.lease_seconds / 3
+        last_beat = time.monotonic()
+        while True:
+            ready, _ = ray.wait([task], timeout=1.0)
+            if ready:
+                break
+            now = time.monotonic()
+            if now - last_beat >= min(beat_every, 1.0):
+                with self.sessions() as session:
+                    beat = jobs.heartbeat(session, job.id, self.name, self.settings.lease_seconds)
+                last_beat = now
+                if not beat.owned:
+                    log.warning("job %s: lease lost to another worker; stopping", job.id)
+                    ray.cancel(task, force=True, recursive=True)
+                    return
+                if beat.cancel or self.stopping.is_set():
+                    self.stop(job, task, run_id, cancelled=beat.cancel)
+                    return
+            update = watcher.poll()
+            if update is not None:
+                with self.sessions() as session:
+                    jobs.record(session, job.id, self.name, progress=update)
+                self.queue.publish(job.id, {"status": Status.running, "progress": update})
+        try:
+            summary = ray.get(task)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+            message = (
+                str(cause) if isinstance(cause, ByolError) else f"{type(cause).__name__}: {cause}"
+            )
+            self.settle(job.id, Status.failed, error=message.strip().splitlines()[-1][:2000])
+            return
+        except ray.exceptions.RayError as exc:  # the driver's process died (OOM, node lost)
+            self.settle(job.id, Status.failed, error=f"{type(exc).__name__}: {exc}"[:2000])
+            return
+        summary["experiment_id"] = experiment_id
+        final = watcher.poll(force=True) or progress
+        with self.sessions() as session:
+            jobs.record(session, job.id, self.name, progress=final)
+        self.settle(job.id, Status.succeeded, result=summary)
+
+    def stop(self, job: Job, task: ray.ObjectRef, run_id: str, cancelled: bool) -> None:
+        ray.cancel(task, force=True, recursive=True)
+        if cancelled:
+            MlflowClient(self.uri).set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+            self.settle(job.id, Status.cancelled)
+            return
+        # Shutting down: hand the job back, its next run resumes from the checkpoint.
+        with self.sessions() as session:
+            jobs.release(session, job.id, self.name)
+        self.queue.dispatch(job.id)
+        log.info("job %s: released for another worker", job.id)
+
+    def settle(self, job_id: str, status: Status, **fields: Any) -> None:
+        with self.sessions() as session:
+            jobs.finish(session, job_id, self.name, status, **fields)
+            progress = jobs.get_job(session, job_id).progress
+        event = {"status": status, "progress": progress, **fields}
+        self.queue.publish(job_id, event)
+        log.info(
+            "job %s: %s%s", job_id, status, f" ({fields['error']})" if "error" in fields else ""
+        )
+
+
+class ProgressWatcher:
+    """Reads a run's latest epoch and metrics back from MLflow, where rank 0 logs them: the
+    training workers need no access to the service's database or Redis."""
+
+    def __init__(self, uri: str, run_id: str, start: dict[str, Any], every: float = 2.0) -> None:
+        self.client = MlflowClient(uri)
+        self.run_id, self.start, self.every = run_id, start, every
+        self.last_poll = 0.0
+        self.last_epoch = start["epoch"]
+
+    def poll(self, force: bool = False) -> dict[str, Any] | None:
+        now = time.monotonic()
+        if not force and now - self.last_poll < self.every:
+            return None
+        self.last_poll = now
+        try:
+            epochs = self.client.get_metric_history(self.run_id, "epoch")
+            metrics = self.client.get_run(self.run_id).data.metrics
+        except Exception as exc:  # the tracking server blinking must not fail the job
+            log.warning("progress not read from MLflow: %s", exc)
+            return None
+        epoch = max((int(m.step) for m in epochs), default=0)
+        if epoch == self.last_epoch and not force:
+            return None
+        self.last_epoch = epoch
+        shown = {k: metrics[k] for k in PROGRESS_KEYS if k in metrics}
+        return {**self.start, "epoch": epoch, "metrics": shown}
+
+
+def main(settings: Settings | None = None, max_jobs: int | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    runner = JobRunner(settings or load_settings())
+
+    def graceful(signum: int, _frame: Any) -> None:
+        log.info("signal %d: finishing the current heartbeat, then releasing the job", signum)
+        runner.stopping.set()
+
+    signal.signal(signal.SIGTERM, graceful)
+    signal.signal(signal.SIGINT, graceful)
+    runner.serve(max_jobs=max_jobs)
+
+
+if __name__ == "__main__":
+    main()
