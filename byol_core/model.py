@@ -15,16 +15,41 @@ from torch import nn
 
 from byol_core.networks import MLP, build_encoder
 from byol_core.spec import ModelSpec
+from byol_core.view_bn import view_groups
 
 
-def _per_view(
-    net: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor], concat: bool
-) -> list[torch.Tensor]:
-    # Separate passes give each view its own batch-norm statistics, as the reference
-    # implementations do; one concatenated pass shares them (and is faster).
-    if concat:
-        return list(net(torch.cat(views)).chunk(len(views)))
-    return [net(v) for v in views]
+def _view_passes(
+    module: nn.Module,
+    nets: list[Callable[[torch.Tensor], torch.Tensor]],
+    views: list[torch.Tensor],
+    concat: bool,
+    separate: bool,
+) -> list[list[torch.Tensor]]:
+    """The views through ``nets`` in sequence (each net's output feeds the next); for each net
+    its outputs, one per view.
+
+    Batch norm sees each view with its own statistics, as the reference implementations run
+    the views through separately. That is done in one pass: the views go through as one batch
+    in which every batch norm of ``module`` normalises each view's chunk with the chunk's own
+    statistics (``view_bn``): the same computation, with every layer called once per step and,
+    under global batch norm, half the collectives. ``separate`` makes the separate passes
+    themselves (the reference the tests compare with); ``concat`` shares the statistics across
+    views.
+    """
+    if separate:
+        outs: list[list[torch.Tensor]] = []
+        xs = views
+        for net in nets:
+            xs = [net(x) for x in xs]
+            outs.append(xs)
+        return outs
+    x = torch.cat(views)
+    outs = []
+    with view_groups(module, 1 if concat else len(views)):
+        for net in nets:
+            x = net(x)
+            outs.append(list(x.chunk(len(views))))
+    return outs
 
 
 class Online(nn.Module):
@@ -36,11 +61,15 @@ class Online(nn.Module):
         self.projector = MLP(self.encoder.out_dim, spec.projection_dim, spec.projector)
         self.predictor = MLP(spec.projection_dim, spec.projection_dim, spec.predictor)
         self.concat_views = spec.concat_views
+        # One pass per view instead of one grouped pass: the same computation, slower; for
+        # tests and benchmarks.
+        self.separate_passes = False
 
     def forward(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Projections z and predictions p for every view, in one call (DDP needs one forward)."""
-        z = _per_view(self.project, views, self.concat_views)
-        p = _per_view(self.predictor, z, self.concat_views)
+        z, p = _view_passes(
+            self, [self.project, self.predictor], views, self.concat_views, self.separate_passes
+        )
         return z, p
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,11 +90,13 @@ class Target(nn.Module):
         self.encoder = copy.deepcopy(online.encoder)
         self.projector = copy.deepcopy(online.projector)
         self.concat_views = online.concat_views
+        self.separate_passes = online.separate_passes
         self.requires_grad_(False)
 
     @torch.no_grad()
     def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        return _per_view(self.project, views, self.concat_views)
+        (z,) = _view_passes(self, [self.project], views, self.concat_views, self.separate_passes)
+        return z
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.encoder(x))

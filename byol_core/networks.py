@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.models import resnet
 
 from byol_core.spec import EncoderSpec, MLPSpec
+from byol_core.view_bn import BatchNorm1d, BatchNorm2d
 
 
 class WSConv2d(nn.Conv2d):
@@ -29,7 +30,7 @@ class WSConv2d(nn.Conv2d):
 
 def _encoder_norm(kind: str, groups: int) -> type[nn.Module] | partial[nn.Module]:
     if kind == "batch":
-        return nn.BatchNorm2d
+        return BatchNorm2d
     if kind in ("group", "group_ws"):
         return partial(nn.GroupNorm, groups)
     # torchvision's ResNet needs a norm layer; Identity accepts and ignores the channel count.
@@ -105,7 +106,7 @@ def _standardise_convs(module: nn.Module) -> None:
 def _mlp_norm(spec: MLPSpec) -> nn.Module:
     dim = spec.hidden_dim
     return {
-        "batch": lambda: nn.BatchNorm1d(dim),
+        "batch": lambda: BatchNorm1d(dim),
         "layer": lambda: nn.LayerNorm(dim),
         "group": lambda: nn.GroupNorm(spec.groups, dim),
         "none": nn.Identity,

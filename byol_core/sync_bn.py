@@ -3,7 +3,9 @@
 Why this exists: ``torch.nn.SyncBatchNorm`` refuses CPU tensors, and distributed training here
 also runs on CPU (gloo). ``GlobalBatchNorm`` computes the batch statistics over the examples of
 every process in its process group, on CPU or GPU; ``convert_sync_batchnorm`` picks torch's
-``SyncBatchNorm`` for modules on CUDA and ``GlobalBatchNorm`` otherwise.
+``SyncBatchNorm`` for modules on CUDA and ``GlobalBatchNorm`` otherwise. Both keep the views of a
+``view_bn.view_groups`` forward apart; ``GlobalBatchNorm`` does so with one collective per layer
+for all views (forward and backward), which is most of what global batch norm costs on CPU.
 
 Why it matters for the study: in BYOL, batch norm is the implicit contrast. Normalising with
 batch statistics makes each example's representation depend on the other examples of its batch,
@@ -18,85 +20,128 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import once_differentiable
+
+from byol_core.view_bn import (
+    ViewGroupedNorm,
+    check_groups,
+    chunkwise,
+    local_view_batch_norm,
+    memory_format,
+)
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def _channel_shape(x: torch.Tensor) -> list[int]:
-    return [1, x.shape[1]] + [1] * (x.dim() - 2)
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance from torch's fused kernel, in at least float32."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        # float32 "running" buffers select torch's mixed-precision kernel: float32 statistics of
+        # bf16 input without a float32 copy of it (momentum 0 leaves the buffers as they are).
+        c = x.shape[1]
+        return torch.batch_norm_update_stats(
+            x, x.new_zeros(c, dtype=torch.float32), x.new_ones(c, dtype=torch.float32), 0.0
+        )
+    return torch.batch_norm_update_stats(x, None, None, 0.0)
 
 
-def _acc(x: torch.Tensor) -> torch.Tensor:
-    # Batch statistics in at least float32: bf16/fp16 input is upcast, fp64 stays.
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+def _affine(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None,
+    center: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(x - center) * scale + shift per channel, in one pass of torch's eval-mode batch-norm
+    kernel (variance 1, eps 0): arithmetic in the statistics' dtype, one rounding to x's
+    dtype, channels_last kept. Writes into ``out`` (a slice of a larger tensor) when given."""
+    ones = torch.ones_like(center)
+    if out is None:
+        return torch.ops.aten.native_batch_norm(x, scale, shift, center, ones, False, 0.0, 0.0)[0]
+    empty = center.new_empty(0)
+    torch.ops.aten.native_batch_norm.out(
+        x, scale, shift, center, ones, False, 0.0, 0.0, out=out, save_mean=empty, save_invstd=empty
+    )
+    return out
 
 
 class _GlobalBatchNormFunction(torch.autograd.Function):
     """Normalise with given global statistics; the backward accounts for their dependence on x.
 
-    ``mean``/``invstd`` come in as constants (computed without grad); the backward adds their
-    gradient path, which needs the global sums of grad_out and grad_out * x_hat.
+    ``x`` is ``G`` view chunks (``G = mean.shape[0]``), each normalised with its own row of
+    ``mean``/``invstd`` (shape (G, C)) and ``count`` (shape (G, 1)). These come in as constants
+    (computed without grad); the backward adds their gradient path, which needs the global sums
+    of grad_out and grad_out * x_hat per chunk: one all-reduce for all chunks.
 
     Gradient scale: each process's grad_out comes from its own loss L_r (a mean over its local
     examples), and DDP averages parameter gradients over the W processes, i.e. it differentiates
     L = mean_r L_r. For local example i, dL/dy_i = grad_out_i / W, so
         dL/dx_i = (w invstd / W) (g_i - sum_all(g) / n - x_hat_i sum_all(g x_hat) / n)
-    with n the global count. Returning W * dL/dx_i (no 1/W) makes every upstream parameter
-    gradient W times its local contribution to dL/dtheta, which DDP's average over W turns into
-    the exact total. Likewise the weight/bias gradients are the local sums of g and g * x_hat,
+    with n the global count (sums over the chunk of example i). Returning W * dL/dx_i (no 1/W)
+    makes every upstream parameter gradient W times its local contribution to dL/dtheta, which
+    DDP's average over W turns into the exact total. Likewise the weight/bias gradients are the
+    local sums of g and g * x_hat (over all chunks, as separate passes would accumulate them),
     whose average over the processes is dL/dweight and dL/dbias. This is torch's SyncBatchNorm
     convention; with equal local batches it reproduces one process on the concatenated batch.
+
+    Every full-size pass writes straight into the output (or grad_input) slice of its chunk:
+    on CPU a ``cat`` per layer would cost several per cent of a step.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, invstd, count, group, eps):
-        # torch's fused eval-mode kernel normalises with the given (global) statistics in one
-        # pass, for fp32 and for bf16 input with fp32 statistics alike.
-        y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
-        ctx.save_for_backward(x, weight, mean, var, invstd, count)
+    def forward(ctx, x, weight, bias, mean, invstd, count, group, eps):
+        groups = mean.shape[0]
+        # (x - mean) * (w invstd) + b: torch's fused kernel, for fp32 and for bf16 input with
+        # fp32 statistics alike.
+        scale = invstd if weight is None else weight * invstd
+        y = torch.empty_like(x)
+        for g, (xg, yg) in enumerate(zip(x.chunk(groups), y.chunk(groups), strict=True)):
+            _affine(xg, scale[g], bias, mean[g], out=yg)
+        ctx.save_for_backward(x, weight, mean, invstd, count)
         ctx.group, ctx.eps = group, eps
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        x, weight, mean, var, invstd, count = ctx.saved_tensors
-        shape = _channel_shape(x)
-        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
-        w = torch.ones_like(mean) if weight is None else weight
-        # One fused reduction gives sum(dy) and sum(dy * x_hat) with the global mean/invstd.
-        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, w, None, None, mean, invstd, True, ctx.eps, [False, True, True]
-        )
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        groups, channels = mean.shape
+        grad_out = grad_out.contiguous(memory_format=memory_format(x))
+        w = torch.ones_like(mean[0]) if weight is None else weight
+        xs, dys = x.chunk(groups), grad_out.chunk(groups)
+        # One fused reduction per chunk gives sum(dy) and sum(dy * x_hat) with the global
+        # mean/invstd of that chunk.
+        sums = []
+        for g in range(groups):
+            _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                dys[g], xs[g], w, None, None, mean[g], invstd[g], True, ctx.eps, [False, True, True]
+            )
+            sums.append(torch.cat([sum_dy, sum_dy_xhat]))
+        local = torch.stack(sums)  # (G, 2C): [sum_dy, sum_dy_xhat] per chunk
         grad_input = grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = sum_dy_xhat.to(weight.dtype)
+            grad_weight = local[:, channels:].sum(0).to(weight.dtype)
         if weight is not None and ctx.needs_input_grad[2]:
-            grad_bias = sum_dy.to(weight.dtype)
+            grad_bias = local[:, :channels].sum(0).to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            sums = torch.cat([sum_dy, sum_dy_xhat]).to(mean.dtype)
-            dist.all_reduce(sums, group=ctx.group)
-            mean_dy, mean_dy_xhat = (sums / count).chunk(2)
-            scale = invstd if weight is None else weight * invstd
-            # w invstd (dy - mean_dy - x_hat mean_dy_xhat) = w invstd dy + k x + k0, per channel:
-            # the first term by the fused eval-mode backward, the rest in one addcmul.
-            grad_input, _, _ = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, w, mean, var, None, None, False, ctx.eps, [True, False, False]
-            )
+            total = local.to(mean.dtype)
+            dist.all_reduce(total, group=ctx.group)
+            mean_dy, mean_dy_xhat = (total / count).split(channels, dim=1)
+            scale = w * invstd
+            # w invstd (dy - mean_dy - x_hat mean_dy_xhat) = scale dy + k (x - mean) + c per
+            # channel, each term by the fused kernel in the statistics' dtype (coefficients
+            # rounded to bf16 would bias whole channels).
             k = -scale * mean_dy_xhat * invstd
-            k0 = -scale * mean_dy - k * mean
-            grad_input = grad_input.addcmul_(x, k.view(shape).to(x.dtype)).add_(
-                k0.view(shape).to(x.dtype)
-            )
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+            c = -scale * mean_dy
+            zero = torch.zeros_like(mean[0])
+            grad_input = torch.empty_like(x)
+            for g, gi in enumerate(grad_input.chunk(groups)):
+                _affine(xs[g], k[g], c[g], mean[g], out=gi)
+                gi.add_(_affine(dys[g], scale[g], None, zero))
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+class GlobalBatchNorm(ViewGroupedNorm, nn.modules.batchnorm._BatchNorm):
     """Batch norm whose statistics are computed over the examples of every process in
     ``process_group`` (the default group when None).
 
@@ -109,7 +154,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     cancelling in float64 it is not.) Running statistics follow torch: the unbiased global
     variance, and ``momentum=None`` for a cumulative average. The backward all-reduces sum(dy)
     and sum(dy * x_hat) in one call; weight/bias gradients are local sums, which DDP averages
-    (see ``_GlobalBatchNormFunction``). Outside that case it is exactly ``nn.BatchNorm``.
+    (see ``_GlobalBatchNormFunction``). Inside a ``view_groups(module, G)`` forward the batch is
+    G view chunks, each with its own global statistics, all G in the same two collectives.
+    Outside the distributed case it is exactly ``nn.BatchNorm`` (per view chunk).
 
     Nothing here waits for the device beyond the collectives themselves (no ``.item()``). Every
     process must call forward and backward on the same layers in the same order, as with any
@@ -144,39 +191,49 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        if not bn_training or self._world_size() == 1:
+        groups = self.view_groups
+        if not bn_training or (groups == 1 and self._world_size() == 1):
             return super().forward(input)
+        if self._world_size() == 1:
+            return local_view_batch_norm(self, input, super().forward)
         if input.shape[1] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels, got {input.shape[1]}")
+        check_groups(input, groups)
 
         channels = input.shape[1]
         with torch.no_grad():
-            # Local moments from torch's fused kernel (in fp32: bf16 statistics would be too
-            # coarse), turned into sum and sum of squares in float64 so that
-            # E[x^2] - E[x]^2 cancels only in float64.
-            xf = _acc(input.detach())
-            local_mean, local_var = torch.batch_norm_update_stats(xf, None, None, 0.0)
-            n = input.numel() // channels
-            local_mean = local_mean.double()
-            stats = torch.cat(
-                [
-                    local_mean * n,
-                    (local_var.double() + local_mean * local_mean) * n,
-                    local_mean.new_full((1,), n),
-                ]
-            )
+            # Local moments of every view chunk (in fp32: bf16 statistics would be too coarse),
+            # turned into sum and sum of squares in float64 so that E[x^2] - E[x]^2 cancels
+            # only in float64. One row per chunk, all rows in one all-reduce.
+            rows = []
+            for chunk in input.detach().chunk(groups):
+                local_mean, local_var = _moments(chunk)
+                n = chunk.numel() // channels
+                local_mean = local_mean.double()
+                rows.append(
+                    torch.cat(
+                        [
+                            local_mean * n,
+                            (local_var.double() + local_mean * local_mean) * n,
+                            local_mean.new_full((1,), n),
+                        ]
+                    )
+                )
+            stats = torch.stack(rows)
             dist.all_reduce(stats, group=self.process_group)
-            count = stats[-1:]
-            mean64 = stats[:channels] / count
-            var64 = (stats[channels:-1] / count - mean64 * mean64).clamp_min(0)
-            dtype = xf.dtype
+            count = stats[:, -1:]
+            mean64 = stats[:, :channels] / count
+            var64 = (stats[:, channels:-1] / count - mean64 * mean64).clamp_min(0)
+            dtype = torch.promote_types(input.dtype, torch.float32)
             mean, var, count = mean64.to(dtype), var64.to(dtype), count.to(dtype)
             invstd = torch.rsqrt(var + self.eps)
             if self.training and self.track_running_stats:
-                self._update_running_stats(mean, var, count)
+                # One momentum update per view, in order: what separate passes would do.
+                for g in range(groups):
+                    self._update_running_stats(mean[g], var[g], count[g])
 
         return _GlobalBatchNormFunction.apply(
-            input, self.weight, self.bias, mean, var, invstd, count, self.process_group, self.eps
+            input, self.weight, self.bias, mean, invstd, count, self.process_group, self.eps
         )
 
     def _update_running_stats(
@@ -194,10 +251,24 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             running.copy_(running * (1 - factor) + batch.to(running.dtype) * factor)
 
 
+class ViewSyncBatchNorm(ViewGroupedNorm, nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` (CUDA) with per-view statistics inside a ``view_groups`` forward:
+    torch's own forward, and so its own collectives, once per view chunk. Correct, but it does
+    not merge the views' collectives as ``GlobalBatchNorm`` does; on GPUs with NCCL they are
+    cheap next to the compute."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        if self.view_groups == 1 or not bn_training:
+            return super().forward(input)
+        return chunkwise(super().forward, input, self.view_groups)
+
+
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """Replace every BatchNorm1d/2d in ``module`` (recursively) by a batch norm with global
-    statistics: ``nn.SyncBatchNorm`` when its parameters live on CUDA, ``GlobalBatchNorm``
-    otherwise. Returns the converted module (a new object when ``module`` itself is a batch
+    statistics: ``ViewSyncBatchNorm`` (torch's ``SyncBatchNorm``) when its parameters live on
+    CUDA, ``GlobalBatchNorm`` otherwise; both keep statistics per view in a ``view_groups``
+    forward. Returns the converted module (a new object when ``module`` itself is a batch
     norm), like ``nn.SyncBatchNorm.convert_sync_batchnorm``.
 
     As in torch, the new layer takes over the old one's parameter and buffer tensors (weight,
@@ -209,7 +280,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     if isinstance(module, _BN_TYPES):
         probe = module.weight if module.affine else module.running_mean
         on_cuda = probe is not None and probe.is_cuda
-        cls = nn.SyncBatchNorm if on_cuda else GlobalBatchNorm
+        cls = ViewSyncBatchNorm if on_cuda else GlobalBatchNorm
         out = cls(
             module.num_features,
             module.eps,

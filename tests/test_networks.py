@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from byol_core import view_bn
 from byol_core.model import BYOL
 from byol_core.networks import MLP, WSConv2d, build_encoder
 from byol_core.presets import resolve_spec
@@ -54,7 +55,7 @@ def test_weight_standardisation_normalises_each_filter():
 @pytest.mark.parametrize(
     ("norm", "kind"),
     [
-        ("batch", nn.BatchNorm1d),
+        ("batch", view_bn.BatchNorm1d),  # an nn.BatchNorm1d that can keep views apart
         ("layer", nn.LayerNorm),
         ("group", nn.GroupNorm),
         ("none", nn.Identity),

@@ -7,6 +7,11 @@ computation (up to float summation order); with per-process ("local") statistics
 The workers run once per module (one spawn of two processes) and save what they saw; the tests
 compare with the single process.
 
+The BYOL steps run the two views as one batch whose batch norms keep per-view statistics (the
+default, ``view_bn``); the single process they are compared with makes the reference's separate
+pass per view. A second distributed run with separate passes checks that the one-pass path is the
+same computation there too, with half the collectives.
+
 The BYOL comparison is made twice. In float64 it is exact to ~1e-13: that is the proof that the
 forward statistics and grad_input are right. In fp32 it holds to ~5e-6 after the first step, but
 later steps can differ by ~1e-3: a ReLU input within fp32 rounding of zero (measured: 1e-6 in
@@ -17,7 +22,9 @@ fp32 run sits equally far from the float64 one; it happens not to flip that elem
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,10 +81,12 @@ def byol_views(dtype: torch.dtype) -> list[torch.Tensor]:
     return [torch.rand(WORLD * B, 3, 16, 16, generator=g, dtype=dtype) for _ in range(2)]
 
 
-def byol_model(dtype: torch.dtype):
+def byol_model(dtype: torch.dtype, separate: bool = False):
     spec = resolve_spec(overrides=BYOL_OVERRIDES)
     torch.manual_seed(spec.seed)
-    return spec, BYOL(spec.model).to(dtype)
+    model = BYOL(spec.model).to(dtype)
+    model.online.separate_passes = model.target.separate_passes = separate
+    return spec, model
 
 
 def local_half(t: torch.Tensor, rank: int) -> torch.Tensor:
@@ -118,14 +127,38 @@ def train_byol(model: BYOL, online: nn.Module, spec, views: list[torch.Tensor]) 
     )
     optimizer = build_optimizer(model.online, spec.optim, spec.optim.lr)
     model.train()
-    losses, online_states, target_states = [], [], []
+    losses, online_states, target_states, collectives = [], [], [], []
     for _ in range(STEPS):
-        loss, _ = train_step(online, model.target, loss_fn, optimizer, views, CPU)
+        with count_all_reduces() as calls:
+            loss, _ = train_step(online, model.target, loss_fn, optimizer, views, CPU)
+        collectives.append(len(calls))
         ema_update(*model.target_pairs(), TAU)
         losses.append(loss)
         online_states.append(copy.deepcopy(model.online.state_dict()))
         target_states.append(copy.deepcopy(model.target.state_dict()))
-    return {"loss": torch.stack(losses), "online": online_states, "target": target_states}
+    return {
+        "loss": torch.stack(losses),
+        "online": online_states,
+        "target": target_states,
+        "all_reduces": collectives,
+    }
+
+
+@contextlib.contextmanager
+def count_all_reduces() -> Iterator[list[None]]:
+    """Python-level all_reduce calls (batch norm's; DDP's gradient buckets go through C++)."""
+    calls: list[None] = []
+    original = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls.append(None)
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = original
 
 
 def cumulative_running_stats(bn: nn.Module, x: torch.Tensor) -> dict:
@@ -169,13 +202,18 @@ def worker(rank: int, init_method: str, out_dir: str) -> None:
         results["offset"] = GlobalBatchNorm(3)(local_half(offset_input(), rank)).detach()
         results["bf16"] = conv_bn_bf16(GlobalBatchNorm(4), x)
 
-        for dtype in (torch.float64, torch.float32):
-            spec, model = byol_model(dtype)
+        for dtype, separate in (
+            (torch.float64, False),
+            (torch.float32, False),
+            (torch.float64, True),
+        ):
+            spec, model = byol_model(dtype, separate)
             model.online = convert_sync_batchnorm(model.online)
             model.target = convert_sync_batchnorm(model.target)
             assert not any(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in model.modules())
             views = [local_half(v, rank) for v in byol_views(dtype)]
-            results[f"byol_{dtype}"] = train_byol(model, DDP(model.online), spec, views)
+            key = f"byol_{dtype}" + ("_separate" if separate else "")
+            results[key] = train_byol(model, DDP(model.online), spec, views)
 
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -270,7 +308,9 @@ def test_bf16_autocast_statistics_in_float32(ranks):
 def check_byol(
     ranks: list[dict], dtype: torch.dtype, *, first_step: float, weights: float, loss: float
 ):
-    spec, model = byol_model(dtype)
+    # The reference: one process, a separate pass per view on the whole batch, as the reference
+    # implementations compute it.
+    spec, model = byol_model(dtype, separate=True)
     ref = train_byol(model, model.online, spec, byol_views(dtype))
     got = [r[f"byol_{dtype}"] for r in ranks]
     mean_loss = torch.stack([g["loss"] for g in got]).mean(0)  # DDP's objective
@@ -295,6 +335,31 @@ def test_byol_with_global_bn_is_single_process_training_float64(ranks):
 def test_byol_with_global_bn_is_single_process_training_fp32(ranks):
     # 1e-4 holds after one step; the 3-step bound is looser for ReLU-kink flips (module docstring).
     check_byol(ranks, torch.float32, first_step=1e-4, weights=1e-2, loss=1e-3)
+
+
+def test_one_pass_with_view_groups_is_separate_passes_under_global_bn(ranks):
+    # Both distributed, float64: the grouped pass against a separate pass per view, online and
+    # target (weights and running statistics), and the loss, at every step.
+    for r in ranks:
+        grouped, sep = r["byol_torch.float64"], r["byol_torch.float64_separate"]
+        assert (grouped["loss"] - sep["loss"]).abs().max() < 1e-6
+        for part in ("online", "target"):
+            for step in range(STEPS):
+                assert max_dev(grouped[part][step], sep[part][step]) < 1e-10, (part, step)
+
+
+def test_one_pass_halves_the_batch_norm_collectives(ranks):
+    _, model = byol_model(torch.float64)
+    bns = [
+        sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in part.modules())
+        for part in (model.online, model.target)
+    ]
+    # Online: one all-reduce per layer in the forward and one in the backward; target: forward.
+    per_pass = 2 * bns[0] + bns[1]
+    for r in ranks:
+        assert r["byol_torch.float64"]["all_reduces"] == [per_pass] * STEPS
+        assert r["byol_torch.float64_separate"]["all_reduces"] == [2 * per_pass] * STEPS
+    print(f"\nBN all-reduces per BYOL step: {per_pass} in one pass, {2 * per_pass} separately")
 
 
 # -- without a process group: exactly nn.BatchNorm ----------------------------------------------
