@@ -101,12 +101,16 @@ class Trainer:
         progress: bool = True,
         on_epoch_end: EpochCallback | None = None,
         wrap_online: Callable[[nn.Module], nn.Module] | None = None,
+        write_files: bool = True,
     ) -> None:
         """``wrap_online`` wraps the online network for data-parallel training (e.g. Ray's
         ``prepare_model``); with torch.distributed initialised each process trains on its
-        share of every global batch."""
+        share of every global batch. ``write_files=False``: rank 0 writes nothing into
+        ``out_dir`` (no checkpoints, metrics.json or curves.png), for a caller that keeps the
+        state itself (Ray Train's checkpoints) and would only throw the folder away."""
         self.spec = spec
         self.out_dir = Path(out_dir)
+        self.write_files = write_files
         self.runtime = resolve_runtime(spec.runtime, device)
         self.data = data if data is not None else load_data(spec.data, seed=spec.seed)
         self.progress = progress
@@ -186,7 +190,7 @@ class Trainer:
             while self.epoch < self.spec.epochs:
                 self._end_epoch(self.epoch + 1, self.train_epoch())
         path = None
-        if self.rank == 0:
+        if self.rank == 0 and self.write_files:
             path = self.save()
             self.write_report()
         return self.summary(path, time.perf_counter() - started)
@@ -202,7 +206,7 @@ class Trainer:
         metrics["epoch"] = epoch
         self.history.append(metrics)
         every = self.spec.checkpoint_every
-        if self.rank == 0 and every and epoch % every == 0:
+        if self.rank == 0 and self.write_files and every and epoch % every == 0:
             self.save()
         if self.on_epoch_end:
             self.on_epoch_end(epoch, metrics)

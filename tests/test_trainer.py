@@ -79,6 +79,15 @@ def test_resume_continues_exactly(tmp_path, shapes):
         assert torch.equal(v, weights(second)[k]), k
 
 
+def test_write_files_false_leaves_the_run_folder_alone(tmp_path, shapes):
+    # The Ray workers' trainer: Ray Train keeps the checkpoints, the folder is scratch.
+    spec = small("random", "checkpoint_every=1")
+    t = Trainer(spec, tmp_path / "scratch", data=shapes, progress=False, write_files=False)
+    summary = t.fit()
+    assert summary["checkpoint"] is None and summary["linear_top1"] is not None
+    assert not (tmp_path / "scratch").exists() or not any((tmp_path / "scratch").iterdir())
+
+
 def test_checkpoints_are_safe_and_foreign_ones_refused(tmp_path, shapes):
     t = Trainer(small("random"), tmp_path, data=shapes, progress=False)
     summary = t.fit()

@@ -61,7 +61,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if (every and epoch % every == 0) or epoch >= spec.epochs:
                 logger.log_artifact(path, f"checkpoints/epoch_{epoch:04d}")
 
-    # The worker's own run folder is scratch: Ray Train's storage holds the checkpoints.
+    # The worker's own run folder is scratch: Ray Train's storage holds the checkpoints (report),
+    # and run_job writes the job's run folder; the trainer writes no files of its own.
     with tempfile.TemporaryDirectory(prefix=f"byol-rank{rank}-") as out_dir:
         trainer = Trainer(
             spec,
@@ -70,6 +71,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             progress=False,
             on_epoch_end=report,
             wrap_online=rt.prepare_model,
+            write_files=False,
         )
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
