@@ -5,6 +5,10 @@ prefix, so concurrent runs never see each other's jobs. The servers are found th
 BYOL_TEST_POSTGRES (a libpq URL of a database to connect to for CREATE DATABASE) and
 BYOL_TEST_REDIS. Where they do not answer the tests that need them are skipped, except under
 CI (CI=true), where that is a failure: CI must not pass by testing nothing.
+
+``settings(**overrides)`` builds Settings on them; ``api_server(settings)`` starts a real
+uvicorn process of the API with those settings (``settings_env`` turns Settings into the
+BYOL_* variables a subprocess needs).
 """
 
 from __future__ import annotations
