@@ -7,6 +7,7 @@ without disturbing anything else on the machine.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -255,3 +256,55 @@ def test_jobs_queued_when_redis_restarts_empty_all_run(service, private_redis):
     for job in queued:
         done = wait_for(url, job["id"], finished)
         assert done["status"] == "succeeded", done
+
+
+def test_byol_serve_on_embedded_defaults_runs_a_submitted_job(tmp_path, redis_prefix):
+    """What a new user does: `byol serve` in an empty folder (SQLite, local Ray, local MLflow
+    store, generated data, a token made for the folder), then `byol submit --wait`."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("BYOL_", "MLFLOW_"))}
+    env["BYOL_REDIS_PREFIX"] = redis_prefix + "-serve"  # the machine's Redis, our own keys
+    (tmp_path / "job.yaml").write_text(
+        "name: first\nepochs: 1\nbatch_size: 64\ndata: {train_limit: 256, eval_limit: 200}\n"
+        "model: {encoder: {width: 8}}\n"
+    )
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "byol_core.cli", "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "serve.log").open("wb"),
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / ".byol/api-token").exists() or not _answers(url):
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        submit = subprocess.run(
+            [sys.executable, "-m", "byol_core.cli", "submit", "job.yaml", "--url", url, "--wait"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert submit.returncode == 0, submit.stderr[-2000:]
+        job = json.loads(submit.stdout.strip().splitlines()[-1])
+        assert job["status"] == "succeeded" and job["result"]["linear_top1"] is not None
+        assert (tmp_path / "byol-service.db").exists()  # the embedded SQLite database
+        assert (tmp_path / "mlruns" / "mlflow.db").exists()  # the embedded MLflow store
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -104,7 +104,7 @@ class JobRunner:
     def run(self, job: Job) -> None:
         log.info("job %s: attempt %d of %d", job.id, job.attempts, job.max_attempts)
         try:
-            spec = JobSpec.model_validate(job.spec)
+            spec = absolute_paths(JobSpec.model_validate(job.spec))
             run_id = start_or_resume_run(spec, job.id, self.uri)
         except Exception as exc:  # an unusable spec or tracking store: fail the job, not us
             self.settle(job.id, Status.failed, error=f"could not start: {exc}")
@@ -191,6 +191,16 @@ class JobRunner:
         log.info(
             "job %s: %s%s", job_id, status, f" ({fields['error']})" if "error" in fields else ""
         )
+
+
+def absolute_paths(spec: JobSpec) -> JobSpec:
+    """Dataset paths as the API checked them: relative to the working directory that the API
+    and this worker share. Ray workers start elsewhere, so they get absolute paths."""
+    data = spec.data
+    update = {"root": str(Path(data.root).expanduser().resolve())}
+    if data.path:
+        update["path"] = str(Path(data.path).expanduser().resolve())
+    return spec.model_copy(update={"data": data.model_copy(update=update)})
 
 
 class ProgressWatcher:
