@@ -7,10 +7,13 @@ are validated once at start-up, and a bad value stops the process with one line 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
+import pydantic_settings
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -94,8 +97,22 @@ def load_settings(**overrides: object) -> Settings:
         first = exc.errors()[0]
         name = "BYOL_" + "_".join(str(p) for p in first["loc"][:1]).upper()
         raise SettingsError(f"{name}: {first['msg']}") from None
+    except pydantic_settings.SettingsError as exc:
+        # A JSON-valued variable (BYOL_API_TOKENS, BYOL_ADMINS) that does not parse fails in
+        # pydantic-settings itself, before validation, with the field only in its message.
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"BYOL_{field.group(1).upper()}" if field else "BYOL_*"
+        cause = exc.__cause__
+        reason = f"must be JSON ({cause})" if isinstance(cause, json.JSONDecodeError) else exc
+        raise SettingsError(f"{name}: {reason}") from None
 
 
 @lru_cache
 def get_settings() -> Settings:
-    return load_settings()
+    """The process's settings. A bad value ends the process with one line naming the
+    variable: the API's factory calls this inside uvicorn, which would otherwise print a
+    traceback."""
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        raise SystemExit(f"byol: error: {exc}") from None
