@@ -258,6 +258,22 @@ def test_jobs_queued_when_redis_restarts_empty_all_run(service, private_redis):
         assert done["status"] == "succeeded", done
 
 
+def test_a_worker_stopped_gracefully_hands_its_job_back(service):
+    """SIGTERM (a deploy, `byol serve` stopping): the running job goes back to the queue without
+    spending an attempt, and the next worker finishes it."""
+    url, start_worker, root = service
+    job = submit(url, root, {"name": "handed-back"})
+    first = start_worker()
+    wait_for(url, job["id"], lambda j: j["status"] == "running")
+    first.send_signal(signal.SIGTERM)
+    back = wait_for(url, job["id"], lambda j: j["status"] != "running", timeout=30)
+    assert back["status"] == "queued" and back["attempts"] == 0, back
+    assert first.wait(60) == 0
+    start_worker()
+    done = wait_for(url, job["id"], finished)
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
+
+
 def test_byol_serve_on_embedded_defaults_runs_a_submitted_job(tmp_path, redis_prefix):
     """What a new user does: `byol serve` in an empty folder (SQLite, local Ray, local MLflow
     store, generated data, a token made for the folder), then `byol submit --wait`."""

@@ -70,11 +70,14 @@ class JobRunner:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def serve(self, max_jobs: int | None = None) -> None:
+    def connect(self) -> None:
         if not ray.is_initialized():
             ray.init(
                 address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False
             )
+
+    def serve(self, max_jobs: int | None = None) -> None:
+        self.connect()
         log.info("worker %s ready (database %s)", self.name, self.settings.database_url)
         done = 0
         while not self.stopping.is_set() and (max_jobs is None or done < max_jobs):
@@ -240,6 +243,7 @@ def main(settings: Settings | None = None, max_jobs: int | None = None) -> None:
         log.info("signal %d: finishing the current heartbeat, then releasing the job", signum)
         runner.stopping.set()
 
+    runner.connect()  # first: ray.init installs a SIGTERM handler of its own, which exits
     signal.signal(signal.SIGTERM, graceful)
     signal.signal(signal.SIGINT, graceful)
     runner.serve(max_jobs=max_jobs)
