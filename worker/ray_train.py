@@ -31,6 +31,7 @@ from ray.train.torch import TorchTrainer
 
 from byol_core.errors import ByolError
 from byol_core.spec import JobSpec
+from worker.reclaim import ReclaimPlacementGroup
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -90,21 +91,28 @@ def scaling_config(spec: JobSpec) -> ScalingConfig:
     )
 
 
-def run_distributed(
-    spec: JobSpec,
-    storage_path: str | Path,
-    name: str,
-    tracking: dict[str, str],
-    max_failures: int = 3,
-) -> ray.train.Result:
-    """Train ``spec`` on Ray Train. A run with the same ``name`` and storage resumes from its
-    latest checkpoint. ``tracking``: ``mlflow_uri`` and ``mlflow_run_id`` for rank 0."""
+def init_ray() -> None:
+    """Connect to ``RAY_ADDRESS``, or start Ray on this machine, unless connected already."""
     if not ray.is_initialized():
         # Worker output stays in Ray's session logs: a failed run ends in one line that points
         # there, not in every worker's traceback repeated on the console.
         ray.init(
             address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False
         )
+
+
+def run_distributed(
+    spec: JobSpec,
+    storage_path: str | Path,
+    name: str,
+    tracking: dict[str, str],
+    max_failures: int = 3,
+    callbacks: list[Any] | None = None,
+) -> ray.train.Result:
+    """Train ``spec`` on Ray Train. A run with the same ``name`` and storage resumes from its
+    latest checkpoint. ``tracking``: ``mlflow_uri`` and ``mlflow_run_id`` for rank 0.
+    ``callbacks``: Ray Train run callbacks (a Tune trial passes its TuneReportCallback)."""
+    init_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump_json(), **tracking},
@@ -117,18 +125,28 @@ def run_distributed(
             else str(Path(storage_path).resolve()),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # A controller killed from outside (a Tune trial stopped early, a cancelled job)
+            # leaves its workers' placement group behind unless something removes it.
+            callbacks=[ReclaimPlacementGroup(), *(callbacks or [])],
         ),
     )
     return trainer.fit()
 
 
 def run_job(
-    spec: JobSpec, out_dir: str | Path, run_key: str | None = None, uri: str | None = None
+    spec: JobSpec,
+    out_dir: str | Path,
+    run_key: str | None = None,
+    uri: str | None = None,
+    *,
+    tags: dict[str, str] | None = None,
+    callbacks: list[Any] | None = None,
 ) -> dict[str, Any]:
     """A job end to end: its MLflow run (resumed if ``run_key`` ran before), distributed training,
     then the final encoder as an MLflow PyTorch model, the figures, and the run folder
     (checkpoint.pt, metrics.json, curves.png). Returns the one-line summary. ``uri``: the MLflow
-    tracking URI (default: ``MLFLOW_TRACKING_URI`` or the embedded store)."""
+    tracking URI (default: ``MLFLOW_TRACKING_URI`` or the embedded store). ``tags`` (of a new
+    MLflow run) and ``callbacks`` (of the Ray Train run) are how a sweep's trial runs a job."""
     import json
     import shutil
     import time
@@ -144,13 +162,13 @@ def run_job(
     out_dir.mkdir(parents=True, exist_ok=True)
     run_key = run_key or str(out_dir)
     uri = uri or tracking_uri()
-    run_id = start_or_resume_run(spec, run_key, uri)
+    run_id = start_or_resume_run(spec, run_key, uri, tags=tags)
     logger = EpochLogger(uri, run_id)
     storage = os.environ.get("BYOL_RAY_STORAGE", out_dir / "ray")
-    # Ray run names are path components; the key may be a path.
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_key)[-100:]
+    name = ray_name(run_key)
     try:
-        result = run_distributed(spec, storage, name, {"mlflow_uri": uri, "mlflow_run_id": run_id})
+        tracking = {"mlflow_uri": uri, "mlflow_run_id": run_id}
+        result = run_distributed(spec, storage, name, tracking, callbacks=callbacks)
     except TrainingFailedError as exc:
         logger.finish("FAILED")
         raise user_error(exc) from exc
@@ -165,6 +183,11 @@ def run_job(
     logger.finish("FINISHED")
     summary = summarize(spec, history, final, time.perf_counter() - started)
     return {**summary, "mlflow_run_id": run_id}
+
+
+def ray_name(run_key: str) -> str:
+    """The Ray run name of a run key: a path component (the key may be a path)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_key)[-100:]
 
 
 def preflight(spec: JobSpec) -> None:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, Run, RunStatus
 from mlflow.tracking import MlflowClient
 
 from byol_core.spec import JobSpec
@@ -43,31 +43,53 @@ def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def start_or_resume_run(spec: JobSpec, run_key: str, uri: str) -> str:
+def start_or_resume_run(
+    spec: JobSpec, run_key: str, uri: str, tags: dict[str, str] | None = None
+) -> str:
     """The MLflow run of this job: found by its key when it exists (a resumed job), else
-    created with the flattened spec as parameters."""
+    created with the flattened spec as parameters. ``tags``: more tags for a new run (a
+    sweep's trial gives ``mlflow.parentRunId``)."""
+    tags = {"byol.variant": str(spec.variant), **(tags or {})}
+    return open_run(run_key, uri, spec.name, tags, flatten(spec.model_dump(mode="json")))
+
+
+def open_run(
+    run_key: str, uri: str, name: str, tags: dict[str, str], params: dict[str, str]
+) -> str:
+    """The run tagged with ``run_key``, set running again; else a new one with these tags and
+    parameters."""
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
-        artifacts = None
-        if uri.startswith("sqlite:"):
-            artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-        experiment_id = client.create_experiment(EXPERIMENT, artifact_location=artifacts)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = experiment(client, uri)
+    found = find_run(run_key, uri, experiment_id)
+    if found is not None:
+        client.update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id
+    run = client.create_run(experiment_id, run_name=name, tags={RUN_KEY_TAG: run_key, **tags})
+    batch = [Param(k, v[:6000]) for k, v in params.items()]
+    for start in range(0, len(batch), 100):  # MLflow's batch limit for params
+        client.log_batch(run.info.run_id, params=batch[start : start + 100])
+    return run.info.run_id
+
+
+def find_run(run_key: str, uri: str, experiment_id: str | None = None) -> Run | None:
+    """The run tagged with ``run_key``, if there is one."""
+    client = MlflowClient(uri)
+    experiment_id = experiment_id or experiment(client, uri)
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1
     )
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    tags = {RUN_KEY_TAG: run_key, "byol.variant": str(spec.variant)}
-    run = client.create_run(experiment_id, run_name=spec.name, tags=tags)
-    params = [Param(k, v[:6000]) for k, v in flatten(spec.model_dump(mode="json")).items()]
-    for start in range(0, len(params), 100):  # MLflow's batch limit for params
-        client.log_batch(run.info.run_id, params=params[start : start + 100])
-    return run.info.run_id
+    return found[0] if found else None
+
+
+def experiment(client: MlflowClient, uri: str) -> str:
+    """The id of the ``byol`` experiment, created on first use."""
+    found = client.get_experiment_by_name(EXPERIMENT)
+    if found is not None:
+        return found.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:"):
+        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return client.create_experiment(EXPERIMENT, artifact_location=artifacts)
 
 
 class EpochLogger:
