@@ -77,8 +77,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = args.out or default_out_dir_name(sweep)
     # Ray Tune prints its banners on stdout, and Ray its last warnings: the summary's place.
     with contextlib.redirect_stdout(sys.stderr):
-        summary = run_sweep(sweep, out, progress=not args.quiet)
-        ray.shutdown()
+        try:
+            summary = run_sweep(sweep, out, progress=not args.quiet)
+        finally:
+            ray.shutdown()
     print(json.dumps(summary))
     return 0
 
