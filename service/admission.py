@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from byol_core.spec import JobSpec
+from byol_core.sweep import SweepSpec
 
 
 def resolved(path: str | Path) -> Path:
@@ -33,11 +34,20 @@ def inside(path: str, root: Path) -> bool:
     return candidate.is_relative_to(root)
 
 
-def paths_outside_root(spec: JobSpec, root: Path) -> Iterator[tuple[str, str]]:
-    """``root``: the data root, already resolved."""
-    for field, value in (("data.root", spec.data.root), ("data.path", spec.data.path)):
+def paths_outside_root(spec: JobSpec | SweepSpec, root: Path) -> Iterator[tuple[str, str]]:
+    """``root``: the data root, already resolved. A sweep is checked on its base's paths and on
+    any dataset path its space chooses between."""
+    prefix, data = ("base.", spec.base.data) if isinstance(spec, SweepSpec) else ("", spec.data)
+    candidates = [("data.root", data.root), ("data.path", data.path)]
+    if isinstance(spec, SweepSpec):
+        for key, domain in spec.space.items():
+            if key in ("data.root", "data.path"):
+                values = getattr(domain, "values", None) or []
+                candidates += [(f"space.{key}", v) for v in values if isinstance(v, str)]
+    for field, value in candidates:
         if value is not None and not inside(value, root):
-            yield field, f"must lie inside the data root {root} (got {value!r})"
+            name = field if field.startswith("space.") else prefix + field
+            yield name, f"must lie inside the data root {root} (got {value!r})"
 
 
 def unstorable_text(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, str]]:
@@ -57,7 +67,9 @@ def unstorable_text(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[st
                 yield ".".join(path), "must be valid Unicode text (lone surrogate)"
 
 
-def problems(spec: JobSpec, document: dict[str, Any], root: Path) -> list[tuple[str, str]]:
+def problems(
+    spec: JobSpec | SweepSpec, document: dict[str, Any], root: Path
+) -> list[tuple[str, str]]:
     """(dotted field, message) for each refusal; ``document`` is the spec as it is stored,
     ``root`` the resolved data root."""
     found = list(unstorable_text(document))

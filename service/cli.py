@@ -17,6 +17,7 @@ from typing import Any
 
 from byol_core.errors import ByolError
 from byol_core.presets import load_document, resolve_spec
+from byol_core.sweep import resolve_sweep
 from service.client import ApiClient, default_url
 
 LOCAL_TOKEN = Path(".byol/api-token")
@@ -79,7 +80,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not token:
         raise ByolError("submit needs an API token: pass --token or set BYOL_API_TOKEN")
     document = load_document(args.spec_file)
-    spec = resolve_spec(document, base=args.base, variant=args.variant, overrides=args.overrides)
+    # A sweep's base is resolved through the presets exactly as a training spec is.
+    resolve = resolve_sweep if document.get("kind") == "sweep" else resolve_spec
+    spec = resolve(document, base=args.base, variant=args.variant, overrides=args.overrides)
     with ApiClient(args.url, token) as client:
         job = client.submit(spec.model_dump(mode="json"), args.idempotency_key)
         if args.wait:

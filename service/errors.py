@@ -33,6 +33,9 @@ def error_response(
     return JSONResponse(body, status_code=status_code, headers=headers)
 
 
+SPEC_KINDS = ("train", "sweep")
+
+
 def field_error(err: dict[str, Any]) -> FieldError:
     """A pydantic error as (dotted field, location, message); loc is e.g. (body, optim, lr)."""
     loc = list(err.get("loc", ()))
@@ -51,6 +54,8 @@ def field_error(err: dict[str, Any]) -> FieldError:
         if len(shown) > SHOWN_INPUT_CHARS:
             shown = shown[:SHOWN_INPUT_CHARS] + "…"
         message = f"{message} (got {shown})"
+    if loc and loc[0] in SPEC_KINDS:
+        loc.pop(0)  # the tag of the body's kind (train or sweep), not a field
     field = ".".join(str(p) for p in loc)
     # JobSpec's cross-field validators report on their section (or the whole spec) but start
     # the message with the exact field, e.g. "data.path is required when ...": name that one.

@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from byol_core.spec import JobSpec
+from byol_core.sweep import AnySpec
 from service import admission, jobs
 from service.auth import User, is_admin
 from service.db import Job, Status
@@ -63,7 +63,8 @@ def find_job(session: Session, job_id: str) -> Job:
     tags=["jobs"],
     summary="Submit a training job",
     description="Validates the body as a complete JobSpec (missing fields take their "
-    "defaults), stores the resolved spec and queues the job. With an `Idempotency-Key`, a "
+    "defaults), or as a SweepSpec when `kind` is `sweep` (a Ray Tune search over a base "
+    "JobSpec), stores the resolved spec and queues the job. With an `Idempotency-Key`, a "
     "retry with the same key and the same spec returns the job created first with **200**; "
     "the same key with another spec is a 409. Keys are per user. The job is stored before it "
     "is announced to the workers, so it is never lost: if Redis is down the workers find it "
@@ -79,7 +80,7 @@ def find_job(session: Session, job_id: str) -> Job:
     },
 )
 def create_job(
-    spec: JobSpec,
+    spec: AnySpec,
     user: User,
     svc: Svc,
     response: Response,

@@ -37,6 +37,28 @@ class ResultSummary(BaseModel):
     checkpoint: str | None = None
 
 
+class Trial(BaseModel):
+    """One trial of a sweep."""
+
+    trial_id: str
+    config: dict[str, Any] = Field(description="The sampled values, by dotted spec field.")
+    status: str = Field(description="running, finished, stopped (early, by ASHA) or failed.")
+    best_metric: float | None = Field(None, description="Best value of the sweep's metric.")
+    epochs: int | None = Field(None, description="Epochs the trial trained.")
+    mlflow_run_id: str | None = Field(None, description="The trial's child MLflow run.")
+    error: str | None = None
+
+
+class SweepView(BaseModel):
+    """A sweep's trials (while it runs, from its MLflow child runs) and, at the end, the best."""
+
+    metric: str | None = None
+    mode: str | None = None
+    trials: list[Trial] = Field(default_factory=list)
+    best: Trial | None = Field(None, description="The best trial, once the sweep finished.")
+    best_config: dict[str, Any] | None = None
+
+
 class MLflowRun(BaseModel):
     run_id: str
     experiment_id: str | None = None
@@ -55,6 +77,7 @@ class JobView(BaseModel):
     progress: Progress | None = None
     mlflow: MLflowRun | None = None
     result: ResultSummary | None = None
+    sweep: SweepView | None = Field(None, description="Sweeps only: trials and the best one.")
     error: str | None = None
     created_at: datetime
     updated_at: datetime

@@ -11,7 +11,16 @@ import math
 from typing import Any
 
 from service.db import Job, Status, as_utc
-from service.schemas import JobDetail, JobEvent, JobView, MLflowRun, Progress, ResultSummary
+from service.schemas import (
+    JobDetail,
+    JobEvent,
+    JobView,
+    MLflowRun,
+    Progress,
+    ResultSummary,
+    SweepView,
+    Trial,
+)
 
 SUMMARY_FIELDS = ("linear_top1", "knn_top1", "cos_pos", "cos_neg", "z_std")
 STATUSES = tuple(status.value for status in Status)
@@ -55,6 +64,39 @@ def result_view(raw: Any) -> ResultSummary | None:
     )
 
 
+def trial_view(raw: Any) -> Trial | None:
+    if not isinstance(raw, dict) or _text(raw.get("trial_id")) is None:
+        return None
+    config = raw.get("config")
+    return Trial(
+        trial_id=_text(raw["trial_id"]),
+        config=config if isinstance(config, dict) else {},
+        status=_text(raw.get("status")) or "unknown",
+        best_metric=_number(raw.get("best_metric")),
+        epochs=_integer(raw.get("epochs")),
+        mlflow_run_id=_text(raw.get("mlflow_run_id")),
+        error=_text(raw.get("error")),
+    )
+
+
+def sweep_view(job: Job) -> SweepView | None:
+    """The finished sweep's summary (result), else the trials the worker last saw (progress)."""
+    if job.kind != "sweep":
+        return None
+    source = job.result if isinstance(job.result, dict) else job.progress
+    if not isinstance(source, dict):
+        return SweepView()
+    trials = source.get("trials") if isinstance(source.get("trials"), list) else []
+    best_config = source.get("best_config")
+    return SweepView(
+        metric=_text(source.get("metric")),
+        mode=_text(source.get("mode")),
+        trials=[t for t in map(trial_view, trials) if t is not None],
+        best=trial_view(source.get("best")),
+        best_config=best_config if isinstance(best_config, dict) else None,
+    )
+
+
 def mlflow_view(job: Job, ui_base: str | None) -> MLflowRun | None:
     result = job.result if isinstance(job.result, dict) else {}
     progress = job.progress if isinstance(job.progress, dict) else {}
@@ -88,7 +130,8 @@ def _fields(job: Job, ui_base: str | None) -> dict[str, Any]:
         "cancel_requested": job.cancel_requested,
         "progress": progress_view(job.progress),
         "mlflow": mlflow_view(job, ui_base),
-        "result": result_view(job.result),
+        "result": result_view(job.result) if job.kind != "sweep" else None,
+        "sweep": sweep_view(job),
         "error": job.error,
         "created_at": as_utc(job.created_at),
         "updated_at": as_utc(job.updated_at),

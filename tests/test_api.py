@@ -181,6 +181,53 @@ def test_invalid_spec_is_422_naming_the_field(
     assert body["detail"].startswith(field)
 
 
+def sweep(settings: Settings, **fields: Any) -> dict[str, Any]:
+    base = {
+        "kind": "sweep",
+        "name": f"s-{uuid.uuid4().hex[:12]}",
+        "base": spec(settings),
+        "space": {"optim.lr": {"type": "loguniform", "low": 0.01, "high": 1.0}},
+        "num_samples": 2,
+    }
+    return deep_merge(base, fields)
+
+
+def test_a_sweep_is_a_job_of_kind_sweep(client: TestClient, api_settings: Settings):
+    created = submit(client, sweep(api_settings))
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert job["kind"] == "sweep" and job["status"] == "queued"
+    assert job["spec"]["space"]["optim.lr"]["type"] == "loguniform"
+    assert job["spec"]["base"]["optim"]["momentum"] == 0.9  # the base stored fully resolved
+
+
+@pytest.mark.parametrize(
+    ("space", "field"),
+    [
+        ({"optim.lrr": {"type": "uniform", "low": 0.1, "high": 0.2}}, "space.optim.lrr"),
+        ({"ema.tau": {"type": "uniform", "low": 0.999, "high": 0.99}}, "space.ema.tau"),
+        ({"optim.lr": {"type": "loguniform", "low": 0.0, "high": 1.0}}, "space.optim.lr"),
+        ({"seed": {"type": "grid", "values": []}}, "space.seed"),
+    ],
+)
+def test_a_bad_search_space_is_422_naming_it(
+    client: TestClient, api_settings: Settings, space: dict, field: str
+):
+    body = sweep(api_settings)
+    body["space"] = space
+    response = submit(client, body)
+    assert response.status_code == 422, response.text
+    assert field in [e["field"] for e in response.json()["errors"]], response.json()
+
+
+def test_a_sweep_reading_outside_the_data_root_is_422(client: TestClient, api_settings):
+    body = sweep(api_settings)
+    body["base"]["data"]["root"] = "/etc"
+    response = submit(client, body)
+    assert response.status_code == 422
+    assert [e["field"] for e in response.json()["errors"]] == ["base.data.root"]
+
+
 def test_malformed_bodies_are_4xx_json_never_500(client: TestClient):
     for content, content_type in [
         (b'{"epochs": ', "application/json"),
@@ -578,7 +625,10 @@ def test_openapi_documents_every_operation(client: TestClient):
     }
     assert operations["POST", "/jobs"]["security"] == [{"HTTPBearer": []}]
     body = operations["POST", "/jobs"]["requestBody"]["content"]["application/json"]["schema"]
-    assert body == {"$ref": "#/components/schemas/JobSpec"}
+    assert body["oneOf"] == [
+        {"$ref": "#/components/schemas/JobSpec"},
+        {"$ref": "#/components/schemas/SweepSpec"},
+    ]
 
 
 # The schema comes from an app that is never started (the OpenAPI document needs no database);

@@ -207,6 +207,39 @@ def test_a_job_runs_from_post_to_succeeded_with_its_curves_in_mlflow(service, ml
     assert link == f"{mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
 
 
+def test_a_sweep_runs_as_a_job_with_its_trials_in_the_api_and_mlflow(service, mlflow_url):
+    url, start_worker, root = service
+    body = {
+        "kind": "sweep",
+        "name": "sweep-job",
+        "base": deep_merge(TINY, {"data": {"root": str(root)}}),
+        "space": {"optim.lr": {"type": "grid", "values": [0.05, 0.4]}},
+        "max_concurrent_trials": 2,
+    }
+    response = httpx.post(f"{url}/jobs", json=body, headers=AUTH, timeout=10)
+    assert response.status_code == 201, response.text
+    job = response.json()
+    start_worker()
+    done = wait_for(url, job["id"], finished, timeout=400)
+    assert done["status"] == "succeeded", done
+    sweep = done["sweep"]
+    assert sorted(float(t["config"]["optim.lr"]) for t in sweep["trials"]) == [0.05, 0.4]
+    assert all(t["status"] == "finished" and t["best_metric"] is not None for t in sweep["trials"])
+    best = max(sweep["trials"], key=lambda t: t["best_metric"])
+    assert sweep["best"]["trial_id"] == best["trial_id"]
+    assert float(sweep["best_config"]["optim.lr"]) == float(best["config"]["optim.lr"])
+
+    client = MlflowClient(mlflow_url)
+    parent = done["mlflow"]["run_id"]
+    children = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+    )
+    assert sorted(r.info.run_id for r in children) == sorted(
+        t["mlflow_run_id"] for t in sweep["trials"]
+    )
+
+
 def test_cancelling_a_running_job_stops_ray_within_ten_seconds(service, mlflow_url):
     url, start_worker, root = service
     job = submit(url, root, {"name": "cancel-me", "epochs": 50})

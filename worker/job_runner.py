@@ -28,16 +28,19 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 import ray
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
+from pydantic import TypeAdapter
 
 from byol_core.errors import ByolError
 from byol_core.spec import JobSpec
+from byol_core.sweep import AnySpec, SweepSpec
 from service import jobs
 from service.db import Job, Status, make_engine, make_sessions, migrate
 from service.queue import Queue
 from service.settings import Settings, load_settings
-from worker.tracking import start_or_resume_run, tracking_uri
+from worker.tracking import open_run, start_or_resume_run, tracking_uri
 
 log = logging.getLogger("byol.worker")
+SPEC: TypeAdapter[JobSpec | SweepSpec] = TypeAdapter(AnySpec)
 
 PROGRESS_KEYS = (
     "train/loss",
@@ -52,10 +55,15 @@ PROGRESS_KEYS = (
 @ray.remote(num_cpus=0, max_retries=0)
 def drive(spec_json: str, out_dir: str, run_key: str, uri: str) -> dict[str, Any]:
     """The job's driver, inside Ray: it asks for no CPU so that the training workers it
-    starts get every core of a small machine."""
+    starts get every core of a small machine. A sweep's driver is Ray Tune's."""
+    spec = SPEC.validate_json(spec_json)
+    if isinstance(spec, SweepSpec):
+        from worker.tune import run_sweep
+
+        return run_sweep(spec, out_dir, run_key=run_key, uri=uri)
     from worker.ray_train import run_job
 
-    return run_job(JobSpec.model_validate_json(spec_json), out_dir, run_key=run_key, uri=uri)
+    return run_job(spec, out_dir, run_key=run_key, uri=uri)
 
 
 class JobRunner:
@@ -107,8 +115,8 @@ class JobRunner:
     def run(self, job: Job) -> None:
         log.info("job %s: attempt %d of %d", job.id, job.attempts, job.max_attempts)
         try:
-            spec = absolute_paths(JobSpec.model_validate(job.spec))
-            run_id = start_or_resume_run(spec, job.id, self.uri)
+            spec = absolute_paths(SPEC.validate_python(job.spec))
+            run_id = self.mlflow_run(spec, job.id)
         except Exception as exc:  # an unusable spec or tracking store: fail the job, not us
             self.settle(job.id, Status.failed, error=f"could not start: {exc}")
             return
@@ -116,7 +124,7 @@ class JobRunner:
         # The experiment id rides along so the API can link the MLflow UI while the job runs.
         progress = {
             "epoch": 0,
-            "epochs": spec.epochs,
+            "epochs": spec.base.epochs if isinstance(spec, SweepSpec) else spec.epochs,
             "metrics": {},
             "experiment_id": experiment_id,
         }
@@ -131,7 +139,11 @@ class JobRunner:
         self.queue.publish(job.id, {"status": Status.running, "progress": progress})
         out_dir = Path(self.settings.runs_dir).resolve() / job.id
         task = drive.remote(spec.model_dump_json(), str(out_dir), job.id, self.uri)
-        watcher = ProgressWatcher(self.uri, run_id, progress)
+        watcher = (
+            SweepWatcher(self.uri, run_id, progress, spec)
+            if isinstance(spec, SweepSpec)
+            else ProgressWatcher(self.uri, run_id, progress)
+        )
         beat_every = self.settings.lease_seconds / 3
         last_beat = time.monotonic()
         while True:
@@ -176,7 +188,10 @@ class JobRunner:
     def stop(self, job: Job, task: ray.ObjectRef, run_id: str, cancelled: bool) -> None:
         ray.cancel(task, force=True, recursive=True)
         if cancelled:
-            MlflowClient(self.uri).set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+            from worker.tune import finish
+
+            # The run, and a sweep's trial runs, that the killed driver left running.
+            finish(self.uri, run_id, RunStatus.to_string(RunStatus.KILLED))
             self.settle(job.id, Status.cancelled)
             return
         # Shutting down: hand the job back, its next run resumes from the checkpoint.
@@ -184,6 +199,16 @@ class JobRunner:
             jobs.release(session, job.id, self.name)
         self.queue.dispatch(job.id)
         log.info("job %s: released for another worker", job.id)
+
+    def mlflow_run(self, spec: JobSpec | SweepSpec, run_key: str) -> str:
+        """The job's MLflow run, created here so the API can link it from the start; the
+        driver finds the same run by its key."""
+        if isinstance(spec, SweepSpec):
+            from worker.tune import sweep_params
+
+            params = sweep_params(spec)
+            return open_run(run_key, self.uri, spec.name, {"byol.kind": "sweep"}, params)
+        return start_or_resume_run(spec, run_key, self.uri)
 
     def settle(self, job_id: str, status: Status, **fields: Any) -> None:
         with self.sessions() as session:
@@ -196,9 +221,11 @@ class JobRunner:
         )
 
 
-def absolute_paths(spec: JobSpec) -> JobSpec:
+def absolute_paths(spec: JobSpec | SweepSpec) -> JobSpec | SweepSpec:
     """Dataset paths as the API checked them: relative to the working directory that the API
     and this worker share. Ray workers start elsewhere, so they get absolute paths."""
+    if isinstance(spec, SweepSpec):
+        return spec.model_copy(update={"base": absolute_paths(spec.base)})
     data = spec.data
     update = {"root": str(Path(data.root).expanduser().resolve())}
     if data.path:
@@ -211,7 +238,7 @@ class ProgressWatcher:
     training workers need no access to the service's database or Redis."""
 
     def __init__(self, uri: str, run_id: str, start: dict[str, Any], every: float = 2.0) -> None:
-        self.client = MlflowClient(uri)
+        self.client, self.uri = MlflowClient(uri), uri
         self.run_id, self.start, self.every = run_id, start, every
         self.last_poll = 0.0
         self.last_epoch = start["epoch"]
@@ -251,3 +278,60 @@ def main(settings: Settings | None = None, max_jobs: int | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class SweepWatcher(ProgressWatcher):
+    """A sweep's progress: its trials as their child MLflow runs show them."""
+
+    def __init__(self, uri: str, run_id: str, start: dict[str, Any], sweep: SweepSpec) -> None:
+        super().__init__(uri, run_id, start)
+        self.sweep = sweep
+        self.seen: list[dict[str, Any]] | None = None
+
+    def poll(self, force: bool = False) -> dict[str, Any] | None:
+        now = time.monotonic()
+        if not force and now - self.last_poll < self.every:
+            return None
+        self.last_poll = now
+        try:
+            trials = self.trials()
+        except Exception as exc:  # the tracking server blinking must not fail the job
+            log.warning("sweep progress not read from MLflow: %s", exc)
+            return None
+        if trials == self.seen and not force:
+            return None
+        self.seen = trials
+        done = sum(t["status"] != "running" for t in trials)
+        return {
+            **self.start,
+            "metric": self.sweep.metric,
+            "mode": self.sweep.mode,
+            "trials": trials,
+            "metrics": {"trials_done": float(done), "trials_started": float(len(trials))},
+        }
+
+    def trials(self) -> list[dict[str, Any]]:
+        from worker.tune import STOPPED_TAG, child_runs
+
+        pick = max if self.sweep.mode == "max" else min
+        found = []
+        for trial_id, run_id in sorted(child_runs(self.uri, self.run_id).items()):
+            run = self.client.get_run(run_id)
+            values = [m.value for m in self.client.get_metric_history(run_id, self.sweep.metric)]
+            status = {"RUNNING": "running", "FAILED": "failed", "KILLED": "killed"}.get(
+                run.info.status, "finished"
+            )
+            if run.data.tags.get(STOPPED_TAG) == "true":
+                status = "stopped"
+            params, tags = run.data.params, run.data.tags
+            found.append(
+                {
+                    "trial_id": trial_id,
+                    "config": {k: params.get(k, tags.get(f"byol.{k}")) for k in self.sweep.space},
+                    "status": status,
+                    "best_metric": pick(values) if values else None,
+                    "epochs": len(self.client.get_metric_history(run_id, "epoch")),
+                    "mlflow_run_id": run_id,
+                }
+            )
+        return found
