@@ -53,17 +53,20 @@ PROGRESS_KEYS = (
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def drive(spec_json: str, out_dir: str, run_key: str, uri: str) -> dict[str, Any]:
+def drive(
+    spec_json: str, out_dir: str, run_key: str, uri: str, storage: str | None, local: bool
+) -> dict[str, Any]:
     """The job's driver, inside Ray: it asks for no CPU so that the training workers it
-    starts get every core of a small machine. A sweep's driver is Ray Tune's."""
+    starts get every core of a small machine. A sweep's driver is Ray Tune's. Everything it
+    needs comes as arguments: a task sees its node's environment, not this worker's."""
     spec = SPEC.validate_json(spec_json)
     if isinstance(spec, SweepSpec):
         from worker.tune import run_sweep
 
-        return run_sweep(spec, out_dir, run_key=run_key, uri=uri)
+        return run_sweep(spec, out_dir, run_key=run_key, uri=uri, storage=storage)
     from worker.ray_train import run_job
 
-    return run_job(spec, out_dir, run_key=run_key, uri=uri)
+    return run_job(spec, out_dir, run_key=run_key, uri=uri, storage=storage, local=local)
 
 
 class JobRunner:
@@ -138,7 +141,14 @@ class JobRunner:
             )
         self.queue.publish(job.id, {"status": Status.running, "progress": progress})
         out_dir = Path(self.settings.runs_dir).resolve() / job.id
-        task = drive.remote(spec.model_dump_json(), str(out_dir), job.id, self.uri)
+        task = drive.remote(
+            spec.model_dump_json(),
+            str(out_dir),
+            job.id,
+            self.uri,
+            os.environ.get("BYOL_RAY_STORAGE"),
+            not os.environ.get("RAY_ADDRESS"),
+        )
         watcher = (
             SweepWatcher(self.uri, run_id, progress, spec)
             if isinstance(spec, SweepSpec)

@@ -141,12 +141,17 @@ def run_job(
     *,
     tags: dict[str, str] | None = None,
     callbacks: list[Any] | None = None,
+    storage: str | None = None,
+    local: bool | None = None,
 ) -> dict[str, Any]:
     """A job end to end: its MLflow run (resumed if ``run_key`` ran before), distributed training,
     then the final encoder as an MLflow PyTorch model, the figures, and the run folder
     (checkpoint.pt, metrics.json, curves.png). Returns the one-line summary. ``uri``: the MLflow
     tracking URI (default: ``MLFLOW_TRACKING_URI`` or the embedded store). ``tags`` (of a new
-    MLflow run) and ``callbacks`` (of the Ray Train run) are how a sweep's trial runs a job."""
+    MLflow run) and ``callbacks`` (of the Ray Train run) are how a sweep's trial runs a job.
+    ``storage``: Ray Train's checkpoint storage (default ``BYOL_RAY_STORAGE``, else the run
+    folder); ``local``: Ray runs on this machine only (default: no ``RAY_ADDRESS``). The job
+    worker passes both, since a Ray task sees its node's environment, not the worker's."""
     import json
     import shutil
     import time
@@ -156,7 +161,7 @@ def run_job(
     from worker.tracking import EpochLogger, start_or_resume_run, tracking_uri
 
     started = time.perf_counter()
-    if not os.environ.get("RAY_ADDRESS"):
+    if local if local is not None else not os.environ.get("RAY_ADDRESS"):
         preflight(spec)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +169,7 @@ def run_job(
     uri = uri or tracking_uri()
     run_id = start_or_resume_run(spec, run_key, uri, tags=tags)
     logger = EpochLogger(uri, run_id)
-    storage = os.environ.get("BYOL_RAY_STORAGE", out_dir / "ray")
+    storage = storage or os.environ.get("BYOL_RAY_STORAGE") or out_dir / "ray"
     name = ray_name(run_key)
     try:
         tracking = {"mlflow_uri": uri, "mlflow_run_id": run_id}

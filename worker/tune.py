@@ -76,6 +76,7 @@ def run_sweep(
     run_key: str | None = None,
     uri: str | None = None,
     progress: bool = False,
+    storage: str | None = None,
 ) -> dict[str, Any]:
     """Run ``sweep`` to the end (or resume it: same ``out_dir`` and ``run_key``) and return its
     summary: the best trial and its MLflow run, every trial's config, status and best metric,
@@ -102,7 +103,7 @@ def run_sweep(
         ),
         {"cpu": 0, "memory": TRIAL_MEMORY},
     )
-    storage = str(os.environ.get("BYOL_RAY_STORAGE", out_dir / "ray"))
+    storage = str(storage or os.environ.get("BYOL_RAY_STORAGE") or out_dir / "ray")
     name = ray_name(run_key)
     path = f"{storage.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path):
