@@ -303,7 +303,7 @@ def test_a_job_on_a_ray_cluster_links_to_its_mlflow_run_which_chromium_renders(
         # Two training workers of one CPU each: one on each worker node, batch norm global.
         spec = {"name": "cluster", "distributed": {"workers": 2, "bn_sync": "global"}}
         job = submit(api.url, config.data_root, spec)
-        done = wait_for(api.url, job["id"], finished, timeout=150)
+        done = wait_for(api.url, job["id"], finished, timeout=400)
         assert done["status"] == "succeeded", (done, processes.log("worker"))
         assert worker.wait(60) == 0, processes.log("worker")
         print(f"job done after {time.monotonic() - started:.0f} s")
