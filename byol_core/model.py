@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
 
 from byol_core.networks import MLP, build_encoder
 from byol_core.spec import ModelSpec
+from byol_core.sync_bn import synchronises_batch_norm
 from byol_core.view_bn import view_groups
+
+ViewPasses = Literal["auto", "one", "separate"]
 
 
 def _view_passes(
@@ -23,20 +27,23 @@ def _view_passes(
     nets: list[Callable[[torch.Tensor], torch.Tensor]],
     views: list[torch.Tensor],
     concat: bool,
-    separate: bool,
+    passes: ViewPasses,
 ) -> list[list[torch.Tensor]]:
     """The views through ``nets`` in sequence (each net's output feeds the next); for each net
     its outputs, one per view.
 
     Batch norm sees each view with its own statistics, as the reference implementations run
-    the views through separately. That is done in one pass: the views go through as one batch
-    in which every batch norm of ``module`` normalises each view's chunk with the chunk's own
-    statistics (``view_bn``): the same computation, with every layer called once per step and,
-    under global batch norm, half the collectives. ``separate`` makes the separate passes
-    themselves (the reference the tests compare with); ``concat`` shares the statistics across
-    views.
+    the views through separately. ``one``: the views go through as one batch in which every
+    batch norm of ``module`` normalises each view's chunk with the chunk's own statistics
+    (``view_bn``), the same computation with every layer called once; under global batch norm
+    that halves the collectives. ``separate``: a pass per view. ``auto`` takes one pass when
+    batch statistics are synchronised across processes and a pass per view otherwise, which
+    measured faster on CPU here (docs/benchmark-distributed.md). ``concat`` shares the
+    statistics across views instead: another method.
     """
-    if separate:
+    if passes == "auto":
+        passes = "one" if synchronises_batch_norm(module) else "separate"
+    if passes == "separate" and not concat:
         outs: list[list[torch.Tensor]] = []
         xs = views
         for net in nets:
@@ -61,14 +68,14 @@ class Online(nn.Module):
         self.projector = MLP(self.encoder.out_dim, spec.projection_dim, spec.projector)
         self.predictor = MLP(spec.projection_dim, spec.projection_dim, spec.predictor)
         self.concat_views = spec.concat_views
-        # One pass per view instead of one grouped pass: the same computation, slower; for
-        # tests and benchmarks.
-        self.separate_passes = False
+        # How the views go through (see _view_passes): the same computation either way; tests
+        # and benchmarks set it, training leaves it to "auto".
+        self.view_passes: ViewPasses = "auto"
 
     def forward(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Projections z and predictions p for every view, in one call (DDP needs one forward)."""
         z, p = _view_passes(
-            self, [self.project, self.predictor], views, self.concat_views, self.separate_passes
+            self, [self.project, self.predictor], views, self.concat_views, self.view_passes
         )
         return z, p
 
@@ -90,12 +97,12 @@ class Target(nn.Module):
         self.encoder = copy.deepcopy(online.encoder)
         self.projector = copy.deepcopy(online.projector)
         self.concat_views = online.concat_views
-        self.separate_passes = online.separate_passes
+        self.view_passes: ViewPasses = online.view_passes
         self.requires_grad_(False)
 
     @torch.no_grad()
     def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        (z,) = _view_passes(self, [self.project], views, self.concat_views, self.separate_passes)
+        (z,) = _view_passes(self, [self.project], views, self.concat_views, self.view_passes)
         return z
 
     def project(self, x: torch.Tensor) -> torch.Tensor:

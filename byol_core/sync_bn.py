@@ -286,6 +286,17 @@ class ViewSyncBatchNorm(ViewGroupedNorm, nn.SyncBatchNorm):
         return chunkwise(super().forward, input, self.view_groups)
 
 
+def synchronises_batch_norm(module: nn.Module) -> bool:
+    """Whether a batch norm in ``module`` computes its statistics across processes."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return any(
+        isinstance(m, GlobalBatchNorm | ViewSyncBatchNorm)
+        and dist.get_world_size(m.process_group) > 1
+        for m in module.modules()
+    )
+
+
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """Replace every BatchNorm1d/2d in ``module`` (recursively) by a batch norm with global
     statistics: ``ViewSyncBatchNorm`` (torch's ``SyncBatchNorm``) when its parameters live on

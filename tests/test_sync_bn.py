@@ -85,7 +85,9 @@ def byol_model(dtype: torch.dtype, separate: bool = False):
     spec = resolve_spec(overrides=BYOL_OVERRIDES)
     torch.manual_seed(spec.seed)
     model = BYOL(spec.model).to(dtype)
-    model.online.separate_passes = model.target.separate_passes = separate
+    # Under global BN with 2 processes "auto" is one pass for both views.
+    passes = "separate" if separate else "auto"
+    model.online.view_passes = model.target.view_passes = passes
     return spec, model
 
 

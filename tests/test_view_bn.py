@@ -35,12 +35,13 @@ def views(dtype: torch.dtype = torch.float64, n: int = 6) -> list[torch.Tensor]:
 
 
 def pair(variant: str = "byol", dtype: torch.dtype = torch.float64) -> tuple[BYOL, BYOL]:
-    """The same model twice: one grouped pass (the default), one pass per view."""
+    """The same model twice: one grouped pass for both views, and a pass per view."""
     spec = resolve_spec(variant=variant, overrides=SMALL)
     torch.manual_seed(spec.seed)
     grouped = BYOL(spec.model).to(dtype)
     separate = copy.deepcopy(grouped)
-    separate.online.separate_passes = separate.target.separate_passes = True
+    grouped.online.view_passes = grouped.target.view_passes = "one"
+    separate.online.view_passes = separate.target.view_passes = "separate"
     return grouped, separate
 
 
@@ -176,3 +177,17 @@ def test_groups_are_set_per_model_and_reset():
     bn = BatchNorm1d(2)
     with pytest.raises(ValueError, match="does not split"), view_groups(bn, 2):
         bn(torch.randn(3, 2))
+
+
+def test_auto_is_a_pass_per_view_unless_batch_norm_is_synchronised():
+    # One process: nothing is synchronised, and a pass per view measured faster on CPU.
+    model, _ = pair()
+    calls = []
+    model.online.encoder.bn1.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    model.online.view_passes = "auto"
+    model.online(views())
+    assert calls == [6, 6]
+    calls.clear()
+    model.online.view_passes = "one"
+    model.online(views())
+    assert calls == [12]
