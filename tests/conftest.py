@@ -50,6 +50,17 @@ def _unavailable(what: str, exc: Exception) -> None:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """SQLAlchemy URL of a fresh, empty PostgreSQL database for this test session."""
+    yield from _fresh_database()
+
+
+@pytest.fixture(scope="module")
+def own_pg_url() -> Iterator[str]:
+    """A fresh database for one module: end-to-end tests whose workers claim any queued job
+    must not find the jobs other modules left queued in the session's database."""
+    yield from _fresh_database()
+
+
+def _fresh_database() -> Iterator[str]:
     name = f"byol_test_{secrets.token_hex(6)}"
     try:
         admin = psycopg.connect(POSTGRES, autocommit=True, connect_timeout=5)

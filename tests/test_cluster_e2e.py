@@ -207,7 +207,12 @@ def rendered_text(browser: str, url: str, profile: Path, budget_ms: int) -> str:
 
 
 def test_a_job_on_a_ray_cluster_links_to_its_mlflow_run_which_chromium_renders(
-    settings, api_server, processes: Processes, mlflow_database: str, tmp_path: Path
+    settings,
+    own_pg_url: str,
+    api_server,
+    processes: Processes,
+    mlflow_database: str,
+    tmp_path: Path,
 ) -> None:
     started = time.monotonic()
     token = secrets.token_hex(32)
@@ -285,7 +290,12 @@ def test_a_job_on_a_ray_cluster_links_to_its_mlflow_run_which_chromium_renders(
         assert http_status(api_path, host="attacker.example:5000", timeout=60) == 403
 
         # --- the API and a job worker ------------------------------------------------------
-        config = settings(api_tokens={"alice": TOKEN}, poll_seconds=0.5, mlflow_ui_url=mlflow_url)
+        config = settings(
+            database_url=own_pg_url,  # not the jobs other modules left queued
+            api_tokens={"alice": TOKEN},
+            poll_seconds=0.5,
+            mlflow_ui_url=mlflow_url,
+        )
         api = api_server(config)
         worker_env = {
             **ray_env,

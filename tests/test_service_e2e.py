@@ -118,9 +118,10 @@ def mlflow_url(tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture
-def service(settings, private_redis, mlflow_url, api_server, tmp_path):
+def service(settings, own_pg_url, private_redis, mlflow_url, api_server, tmp_path):
     """The API plus a way to start workers, all on one settings object."""
     config = settings(
+        database_url=own_pg_url,
         redis_url=private_redis.url,
         api_tokens={"alice": TOKEN},
         lease_seconds=4.0,
