@@ -1,11 +1,16 @@
 """Time a data-parallel BYOL step with 2 CPU (gloo) processes: global against local batch norm.
 
-Global BN adds two small all-reduces per BN layer (forward and backward) on top of DDP's gradient
+Global BN adds small all-reduces per BN layer (forward and backward) on top of DDP's gradient
 all-reduce; this measures what that costs. The cpu preset's model (ResNet-18 at width 16, 32 px),
 global batch 256 (128 per process), one thread per process, bf16 as the trainer runs it.
-Writes docs/benchmark-distributed.md.
 
-    python -m benchmarks.distributed [--steps 12]
+The first two rows are what training runs: under global BN both views go through the networks
+in one pass whose batch norms keep per-view statistics (``view_bn``, half the collectives), under
+local BN a pass per view (measured faster here). The other two rows swap the way the views go
+through, for comparison. Also counted: batch norm's all-reduces per step and the time spent in
+them. Writes docs/benchmark-distributed.md.
+
+    python -m benchmarks.distributed [--steps 16]
 """
 
 from __future__ import annotations
@@ -24,72 +29,141 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from byol_core import sync_bn
 from byol_core.ema import ema_update
 from byol_core.presets import resolve_spec
 from byol_core.runtime import resolve_runtime
 from byol_core.trainer import build, train_step
 
 WORLD, GLOBAL_BATCH, SIZE = 2, 256, 32
+# name: (BN scope, Online.view_passes). "auto", what training uses: one pass for both views
+# under global BN, a pass per view under local BN.
+CONFIGS = {
+    "local (a pass per view)": ("local", "auto"),
+    "global (one pass for both views)": ("global", "auto"),
+    "local, one pass": ("local", "one"),
+    "global, a pass per view": ("global", "separate"),
+}
+# The figure this benchmark printed before view_bn and the faster GlobalBatchNorm kernels
+# (2026-11-23, same machine, separate passes, the old kernels), for the record.
+PREVIOUS = {"local": 742.4, "global": 1324.5}
 
 
-def _worker(rank: int, port: int, steps: int, scopes: list[str], out: str) -> None:
+class _AllReduceClock:
+    """Counts batch norm's all-reduces (``sync_bn.all_reduce``) and the wall time spent in
+    them, the wait for the other rank included."""
+
+    def __init__(self) -> None:
+        self.calls, self.seconds = 0, 0.0
+        self._all_reduce = sync_bn.all_reduce
+        sync_bn.all_reduce = self._timed  # looked up at call time
+
+    def _timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self._all_reduce(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+
+    def reset(self) -> None:
+        self.calls, self.seconds = 0, 0.0
+
+
+def _worker(rank: int, port: int, steps: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    clock = _AllReduceClock()
     spec = resolve_spec(overrides=[f"batch_size={GLOBAL_BATCH}"])
     runtime = resolve_runtime(spec.runtime, torch.device("cpu"))
     local = GLOBAL_BATCH // WORLD
     views = [torch.randn(local, 3, SIZE, SIZE) for _ in range(2)]
-    times: dict[str, list[float]] = {s: [] for s in scopes}
+    samples: dict[str, list[tuple[float, int, float]]] = {name: [] for name in CONFIGS}
     models = {}
-    for scope in scopes:
+    for name, (scope, passes) in CONFIGS.items():
         model, loss_fn, opt = build(spec, runtime.device, global_bn=scope == "global")
         model.to(memory_format=torch.channels_last)
-        models[scope] = (DDP(model.online), model, loss_fn, opt)
-    # Interleaved so that machine noise hits both scopes alike.
+        model.online.view_passes = model.target.view_passes = passes
+        models[name] = (DDP(model.online), model, loss_fn, opt)
+    # Interleaved so that machine noise hits every configuration alike.
     for i in range(steps + 2):
-        for scope in scopes:
-            online, model, loss_fn, opt = models[scope]
+        for name, (online, model, loss_fn, opt) in models.items():
             dist.barrier()
+            clock.reset()
             t = time.perf_counter()
             train_step(online, model.target, loss_fn, opt, views, runtime)
             ema_update(*model.target_pairs(), 0.99)
             dist.barrier()
             if i >= 2:
-                times[scope].append(time.perf_counter() - t)
+                samples[name].append((time.perf_counter() - t, clock.calls, clock.seconds))
+    # The same collective alone, back to back: what one costs without a step around it.
+    stats = torch.zeros(2, 2 * 128 + 1, dtype=torch.float64)
+    dist.barrier()
+    clock.reset()
+    for _ in range(200):
+        sync_bn.all_reduce(stats, None)
+    isolated = clock.seconds / clock.calls
     if rank == 0:
-        Path(out).write_text("\n".join(f"{s} {statistics.median(v)}" for s, v in times.items()))
+        lines = [f"isolated\t{isolated}\t0\t0"]
+        for name, rows in samples.items():
+            step = statistics.median(r[0] for r in rows)
+            inside = statistics.median(r[2] for r in rows)
+            lines.append(f"{name}\t{step}\t{rows[0][1]}\t{inside}")
+        Path(out).write_text("\n".join(lines))
     dist.destroy_process_group()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--out", default="docs/benchmark-distributed.md")
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.NamedTemporaryFile(suffix=".txt") as result:
-        mp.spawn(_worker, args=(port, args.steps, ["local", "global"], result.name), nprocs=WORLD)
-        med = dict(
-            (name, float(v))
-            for name, v in (ln.split() for ln in Path(result.name).read_text().splitlines())
-        )
-    overhead = med["global"] / med["local"] - 1
+        mp.spawn(_worker, args=(port, args.steps, result.name), nprocs=WORLD)
+        rows = [ln.split("\t") for ln in Path(result.name).read_text().splitlines()]
+    isolated = float(rows.pop(0)[1])
+    med = {name: float(step) for name, step, _, _ in rows}
+    calls = {name: int(n) for name, _, n, _ in rows}
+    inside = {name: float(s) for name, _, _, s in rows}
+
+    def overhead(scope_local: str, scope_global: str) -> str:
+        return f"{100 * (med[scope_global] / med[scope_local] - 1):+.1f}%"
+
+    def row(name: str) -> str:
+        ms = f"{med[name] * 1e3:.1f}"
+        if not calls[name]:
+            return f"| {name} | {ms} | – | – |"
+        return f"| {name} | {ms} | {calls[name]} | {inside[name] * 1e3:.0f} |"
+
+    before = 100 * (PREVIOUS["global"] / PREVIOUS["local"] - 1)
+    local, glob = list(CONFIGS)[:2]
+    table = "\n".join(row(name) for name in CONFIGS)
     report = f"""# Distributed step: global against local batch norm
 
 {datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} cores, 2 gloo processes with 1 thread each,
 torch {torch.__version__}. cpu preset model (ResNet-18 width 16, 32 px), global batch
 {GLOBAL_BATCH} ({GLOBAL_BATCH // WORLD} per process), DDP, bf16 autocast where available.
-Median of {args.steps} interleaved steps (`python -m benchmarks.distributed`).
+Median of {args.steps} interleaved steps (`python -m benchmarks.distributed`). BN all-reduces:
+per step and rank, with the median wall time a rank spends inside them (waiting for the other
+rank included).
 
-| BN scope | median step ms |
-|---|---:|
-| local (per process) | {med["local"] * 1e3:.1f} |
-| global (all processes) | {med["global"] * 1e3:.1f} |
+| configuration | median step ms | BN all-reduces | ms inside them |
+|---|---:|---:|---:|
+{table}
 
-Global BN costs **{100 * overhead:+.1f}%** over local (target <= 15%).
+Global BN costs **{overhead(local, glob)}** over local as training runs them (target <= 15%).
+Both in one pass: {overhead("local, one pass", glob)}; both with a pass per view:
+{overhead(local, "global, a pass per view")}. Before (this benchmark's previous figure: a pass per
+view and the old GlobalBatchNorm kernels): local {PREVIOUS["local"]:.1f} ms, global
+{PREVIOUS["global"]:.1f} ms, **{before:+.1f}%**.
+
+Per BN all-reduce within a step: {inside[glob] / calls[glob] * 1e3:.2f} ms (one pass),
+against {isolated * 1e3:.2f} ms for the same all-reduce repeated back to back with nothing
+around it: most of a collective's cost in a step is waiting for the other rank to arrive.
 """
     Path(args.out).write_text(report)
     print(report)
