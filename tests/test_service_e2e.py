@@ -179,9 +179,15 @@ def finished(job: dict) -> bool:
     return job["status"] in ("succeeded", "failed", "cancelled")
 
 
-def ray_train_workers() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
+def ray_train_workers(session: int) -> list[int]:
+    """Ray Train worker processes of the Ray cluster a `byol worker` started (they share its
+    session): other Ray runs on the machine must not count."""
+    out = subprocess.run(["ps", "-eo", "pid,sid,args"], capture_output=True, text=True).stdout
+    return [
+        int(line.split()[0])
+        for line in out.splitlines()
+        if "ray::RayTrainWorker" in line and int(line.split()[1]) == session
+    ]
 
 
 def test_a_job_runs_from_post_to_succeeded_with_its_curves_in_mlflow(service, mlflow_url):
@@ -244,16 +250,18 @@ def test_a_sweep_runs_as_a_job_with_its_trials_in_the_api_and_mlflow(service, ml
 def test_cancelling_a_running_job_stops_ray_within_ten_seconds(service, mlflow_url):
     url, start_worker, root = service
     job = submit(url, root, {"name": "cancel-me", "epochs": 50})
-    start_worker()
-    wait_for(url, job["id"], lambda j: j["status"] == "running" and bool(ray_train_workers()))
+    session = start_worker().pid
+    wait_for(
+        url, job["id"], lambda j: j["status"] == "running" and bool(ray_train_workers(session))
+    )
     asked = time.monotonic()
     response = httpx.post(f"{url}/jobs/{job['id']}/cancel", headers=AUTH, timeout=10)
     assert response.status_code in (200, 202), response.text
     done = wait_for(url, job["id"], finished, timeout=10)
     assert done["status"] == "cancelled"
-    while ray_train_workers() and time.monotonic() - asked < 10:
+    while ray_train_workers(session) and time.monotonic() - asked < 10:
         time.sleep(0.2)
-    assert not ray_train_workers(), "Ray training workers still alive 10 s after cancel"
+    assert not ray_train_workers(session), "Ray training workers still alive 10 s after cancel"
     run = MlflowClient(mlflow_url).get_run(done["mlflow"]["run_id"])
     assert run.info.status == "KILLED"
 
