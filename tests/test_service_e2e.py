@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -78,47 +77,8 @@ def private_redis(tmp_path_factory) -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def mlflow_url(tmp_path_factory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.25)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
 @pytest.fixture
-def service(settings, own_pg_url, private_redis, mlflow_url, api_server, tmp_path):
+def service(settings, own_pg_url, private_redis, mlflow_server, api_server, tmp_path):
     """The API plus a way to start workers, all on one settings object."""
     config = settings(
         database_url=own_pg_url,
@@ -126,14 +86,14 @@ def service(settings, own_pg_url, private_redis, mlflow_url, api_server, tmp_pat
         api_tokens={"alice": TOKEN},
         lease_seconds=4.0,
         poll_seconds=0.5,
-        mlflow_ui_url=mlflow_url,
+        mlflow_ui_url=mlflow_server,
     )
     api = api_server(config)
     workers: list[subprocess.Popen] = []
 
     def start_worker(*args: str) -> subprocess.Popen:
         env = {k: v for k, v in os.environ.items() if not k.upper().startswith("BYOL_")}
-        env.update(settings_env(config), MLFLOW_TRACKING_URI=mlflow_url)
+        env.update(settings_env(config), MLFLOW_TRACKING_URI=mlflow_server)
         log = (tmp_path / f"worker-{len(workers)}.log").open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "byol_core.cli", "worker", *args],
@@ -190,7 +150,7 @@ def ray_train_workers(session: int) -> list[int]:
     ]
 
 
-def test_a_job_runs_from_post_to_succeeded_with_its_curves_in_mlflow(service, mlflow_url):
+def test_a_job_runs_from_post_to_succeeded_with_its_curves_in_mlflow(service, mlflow_server):
     url, start_worker, root = service
     job = submit(url, root, {"name": "lifecycle"})
     assert job["status"] == "queued"
@@ -203,7 +163,7 @@ def test_a_job_runs_from_post_to_succeeded_with_its_curves_in_mlflow(service, ml
     assert done["progress"]["epoch"] == 2 and done["progress"]["epochs"] == 2
     assert done["result"]["linear_top1"] is not None
 
-    client = MlflowClient(mlflow_url)
+    client = MlflowClient(mlflow_server)
     run = client.get_run(done["mlflow"]["run_id"])
     assert run.info.status == "FINISHED"
     steps = [int(m.step) for m in client.get_metric_history(run.info.run_id, "eval/linear_top1")]
@@ -211,10 +171,10 @@ def test_a_job_runs_from_post_to_succeeded_with_its_curves_in_mlflow(service, ml
     figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
     assert "figures/curves.png" in figures
     link = done["mlflow"]["url"]
-    assert link == f"{mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert link == f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
 
 
-def test_a_sweep_runs_as_a_job_with_its_trials_in_the_api_and_mlflow(service, mlflow_url):
+def test_a_sweep_runs_as_a_job_with_its_trials_in_the_api_and_mlflow(service, mlflow_server):
     url, start_worker, root = service
     body = {
         "kind": "sweep",
@@ -236,7 +196,7 @@ def test_a_sweep_runs_as_a_job_with_its_trials_in_the_api_and_mlflow(service, ml
     assert sweep["best"]["trial_id"] == best["trial_id"]
     assert float(sweep["best_config"]["optim.lr"]) == float(best["config"]["optim.lr"])
 
-    client = MlflowClient(mlflow_url)
+    client = MlflowClient(mlflow_server)
     parent = done["mlflow"]["run_id"]
     children = client.search_runs(
         [client.get_run(parent).info.experiment_id],
@@ -247,7 +207,7 @@ def test_a_sweep_runs_as_a_job_with_its_trials_in_the_api_and_mlflow(service, ml
     )
 
 
-def test_cancelling_a_running_job_stops_ray_within_ten_seconds(service, mlflow_url):
+def test_cancelling_a_running_job_stops_ray_within_ten_seconds(service, mlflow_server):
     url, start_worker, root = service
     job = submit(url, root, {"name": "cancel-me", "epochs": 50})
     session = start_worker().pid
@@ -262,15 +222,15 @@ def test_cancelling_a_running_job_stops_ray_within_ten_seconds(service, mlflow_u
     while ray_train_workers(session) and time.monotonic() - asked < 10:
         time.sleep(0.2)
     assert not ray_train_workers(session), "Ray training workers still alive 10 s after cancel"
-    run = MlflowClient(mlflow_url).get_run(done["mlflow"]["run_id"])
+    run = MlflowClient(mlflow_server).get_run(done["mlflow"]["run_id"])
     assert run.info.status == "KILLED"
 
 
-def test_a_killed_worker_loses_its_lease_and_the_job_resumes(service, mlflow_url):
+def test_a_killed_worker_loses_its_lease_and_the_job_resumes(service, mlflow_server):
     url, start_worker, root = service
     job = submit(url, root, {"name": "survivor", "epochs": 4, "data": {"train_limit": 512}})
     first = start_worker()
-    client = MlflowClient(mlflow_url)
+    client = MlflowClient(mlflow_server)
 
     def epoch_one_logged(j: dict) -> bool:
         run_id = (j.get("mlflow") or {}).get("run_id")

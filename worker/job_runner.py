@@ -253,11 +253,17 @@ class ProgressWatcher:
         self.last_poll = 0.0
         self.last_epoch = start["epoch"]
 
-    def poll(self, force: bool = False) -> dict[str, Any] | None:
+    def due(self, force: bool) -> bool:
+        """At most one read of MLflow every ``every`` seconds, unless forced."""
         now = time.monotonic()
         if not force and now - self.last_poll < self.every:
-            return None
+            return False
         self.last_poll = now
+        return True
+
+    def poll(self, force: bool = False) -> dict[str, Any] | None:
+        if not self.due(force):
+            return None
         try:
             epochs = self.client.get_metric_history(self.run_id, "epoch")
             metrics = self.client.get_run(self.run_id).data.metrics
@@ -272,24 +278,6 @@ class ProgressWatcher:
         return {**self.start, "epoch": epoch, "metrics": shown}
 
 
-def main(settings: Settings | None = None, max_jobs: int | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    runner = JobRunner(settings or load_settings())
-
-    def graceful(signum: int, _frame: Any) -> None:
-        log.info("signal %d: finishing the current heartbeat, then releasing the job", signum)
-        runner.stopping.set()
-
-    runner.connect()  # first: ray.init installs a SIGTERM handler of its own, which exits
-    signal.signal(signal.SIGTERM, graceful)
-    signal.signal(signal.SIGINT, graceful)
-    runner.serve(max_jobs=max_jobs)
-
-
-if __name__ == "__main__":
-    main()
-
-
 class SweepWatcher(ProgressWatcher):
     """A sweep's progress: its trials as their child MLflow runs show them."""
 
@@ -299,10 +287,8 @@ class SweepWatcher(ProgressWatcher):
         self.seen: list[dict[str, Any]] | None = None
 
     def poll(self, force: bool = False) -> dict[str, Any] | None:
-        now = time.monotonic()
-        if not force and now - self.last_poll < self.every:
+        if not self.due(force):
             return None
-        self.last_poll = now
         try:
             trials = self.trials()
         except Exception as exc:  # the tracking server blinking must not fail the job
@@ -345,3 +331,21 @@ class SweepWatcher(ProgressWatcher):
                 }
             )
         return found
+
+
+def main(settings: Settings | None = None, max_jobs: int | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    runner = JobRunner(settings or load_settings())
+
+    def graceful(signum: int, _frame: Any) -> None:
+        log.info("signal %d: finishing the current heartbeat, then releasing the job", signum)
+        runner.stopping.set()
+
+    runner.connect()  # first: ray.init installs a SIGTERM handler of its own, which exits
+    signal.signal(signal.SIGTERM, graceful)
+    signal.signal(signal.SIGINT, graceful)
+    runner.serve(max_jobs=max_jobs)
+
+
+if __name__ == "__main__":
+    main()
