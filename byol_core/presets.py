@@ -35,9 +35,14 @@ class Preset:
 
 
 @cache
+def preset_tables() -> dict[str, Any]:
+    """presets.toml as it is (bases, variants, reproductions, variant groups)."""
+    return tomllib.loads(resources.files("byol_core").joinpath("presets.toml").read_text())
+
+
+@cache
 def _presets() -> dict[str, dict[str, Preset]]:
-    text = resources.files("byol_core").joinpath("presets.toml").read_text()
-    raw = tomllib.loads(text)
+    raw = preset_tables()
     return {
         kind: {
             name: Preset(name, entry.get("description", ""), entry.get("spec", {}))

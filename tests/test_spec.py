@@ -17,6 +17,10 @@ STUDY_VARIANTS = {
     "random",
     "gn_ws",
     "gn_ws_mlp_bn",
+    "no_norm_lars",
+    "gn_sgd",
+    "gn_lars",
+    "gn_wd",
 }
 
 
@@ -26,7 +30,7 @@ def byol(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("base", ["cpu", "study", "paper"])
+@pytest.mark.parametrize("base", ["cpu", "cifar", "study", "paper"])
 @pytest.mark.parametrize("variant", sorted(STUDY_VARIANTS))
 def test_every_preset_validates(base, variant):
     spec = resolve_spec(base=base, variant=variant)
@@ -51,6 +55,19 @@ def test_variants_set_the_study_table():
     assert resolve_spec(variant="random").pretrain is False
     assert resolve_spec(variant="gn_ws").model.encoder.norm == "group_ws"
     assert resolve_spec(variant="gn_ws_mlp_bn").model.projector.norm == "batch"
+    # The appendix's ways out of collapse: no norm in the MLPs, and for gn_* none in the encoder.
+    appendix = {
+        v: (s.model.encoder.norm, s.optim.name, s.optim.lr, s.optim.weight_decay)
+        for v in ("no_norm_lars", "gn_sgd", "gn_lars", "gn_wd")
+        for s in [resolve_spec(variant=v)]
+    }
+    assert appendix == {
+        "no_norm_lars": ("batch", "lars", 0.2, 1.5e-6),
+        "gn_sgd": ("group", "sgd", 0.2, 1e-4),
+        "gn_lars": ("group", "lars", 0.2, 1.5e-6),
+        "gn_wd": ("group", "sgd", 0.2, 1e-5),
+    }
+    assert all(norms[v][:2] == ("none", "none") for v in appendix)
     assert set(variants()) == STUDY_VARIANTS
 
 
