@@ -6,6 +6,10 @@ over the named presets (``variant``, ``base``), how many samples to draw and how
 run at once, and an optional ASHA scheduler that stops weak trials early. Like spec.py it imports
 nothing heavier than pydantic, so the API validates a sweep without torch or Ray.
 
+Several fields can be searched together: a key of dotted paths joined by commas (``variant,seed``)
+with a grid or choice of lists, one value per field: the study's reproduction gives its anchor
+variants more seeds than the rest this way.
+
 Every problem in a space is reported at ``("space", "<dotted key>")`` so the API's 422 names it.
 """
 
@@ -140,7 +144,8 @@ class SweepSpec(Section):
     space: dict[str, Domain] = Field(
         min_length=1,
         description="Dotted JobSpec field (e.g. optim.lr) or preset key (variant, base) -> "
-        "domain to draw it from.",
+        "domain to draw it from. Fields joined by commas (variant,seed) are searched together: "
+        "a grid or choice of lists, one value per field.",
     )
     num_samples: PositiveInt = Field(
         1, description="Samples drawn from the space; grids are repeated this many times."
@@ -152,17 +157,31 @@ class SweepSpec(Section):
     mode: Mode = "max"
     scheduler: AshaSpec | None = Field(None, description="Early stopping; none runs every trial.")
     seed: int = Field(0, description="Seed of the random sampling of the space.")
+    report: Literal["none", "study"] = Field(
+        "none",
+        description="study: when the sweep ends, write the study's table (results.csv, "
+        "results.md) and figures over the trials' variants and seeds into the sweep's folder "
+        "and its MLflow parent run. Needs variant in the space.",
+    )
 
     @model_validator(mode="after")
     def _space_applies_to_the_base(self) -> SweepSpec:
-        errors = [*self._space_errors(), *self._scheduler_errors()]
+        errors = [*self._space_errors(), *self._scheduler_errors(), *self._report_errors()]
         if errors:
             raise ValidationError.from_exception_data("SweepSpec", errors)
         return self
 
     def _space_errors(self) -> Iterator[InitErrorDetails]:
+        seen: set[str] = set()
         for key, domain in self.space.items():
-            problem = _key_problem(key, domain) or domain.problem()
+            fields = split_key(key)
+            twice = seen.intersection(fields)
+            seen.update(fields)
+            problem = (
+                (f"{sorted(twice)} searched by another key too" if twice else None)
+                or _key_problem(key, domain)
+                or domain.problem()
+            )
             if problem is None:
                 problem = self._probe_problem(key, domain)
             if problem is not None:
@@ -178,6 +197,27 @@ class SweepSpec(Section):
                 detail = format_validation_error(exc) if isinstance(exc, ValidationError) else exc
                 return f"{value!r} does not give a valid spec: {detail}"
         return None
+
+    def _report_errors(self) -> Iterator[InitErrorDetails]:
+        if self.report == "study" and "variant" not in {
+            f for key in self.space for f in split_key(key)
+        }:
+            yield _error(
+                ("report",),
+                "the study's report compares variants: put variant in the space",
+                self.report,
+            )
+
+    def values_of(self, field: str) -> list[Any]:
+        """Every value the space can give ``field`` (from grids and choices, alone or with
+        other fields): what admission checks, for instance dataset paths."""
+        out: list[Any] = []
+        for key, domain in self.space.items():
+            fields = split_key(key)
+            if field in fields and isinstance(domain, Choice | Grid):
+                i = fields.index(field)
+                out += [v[i] if len(fields) > 1 else v for v in domain.values]
+        return out
 
     def _scheduler_errors(self) -> Iterator[InitErrorDetails]:
         if self.scheduler is None:
@@ -206,8 +246,25 @@ def _error(loc: tuple[str, ...], message: str, value: Any) -> InitErrorDetails:
     )
 
 
+def split_key(key: str) -> list[str]:
+    """``"variant,seed"`` -> ``["variant", "seed"]``: the fields a space key searches."""
+    return [part.strip() for part in key.split(",")]
+
+
+def expand(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's config with every joint key (``variant,seed``) split into its fields."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        fields = split_key(key)
+        out.update(zip(fields, value, strict=True) if len(fields) > 1 else {key: value})
+    return out
+
+
 def _key_problem(key: str, domain: Domain) -> str | None:
     """Why ``key`` cannot be searched with ``domain``, or None."""
+    fields = split_key(key)
+    if len(fields) > 1:
+        return _joint_problem(fields, domain)
     if key in PRESET_KEYS:
         names = bases() if key == "base" else variants()
         if not isinstance(domain, Choice | Grid):
@@ -226,6 +283,25 @@ def _key_problem(key: str, domain: Domain) -> str | None:
             f"{key} is not a real-valued field: {domain.type} draws fractional numbers; "
             "use a choice or a grid"
         )
+    return None
+
+
+def _joint_problem(fields: list[str], domain: Domain) -> str | None:
+    if not isinstance(domain, Choice | Grid):
+        return "fields searched together take a grid or a choice of lists, one value per field"
+    if len(set(fields)) != len(fields) or not all(fields):
+        return "name each field once, separated by commas"
+    wrong = [v for v in domain.values if not (isinstance(v, list) and len(v) == len(fields))]
+    if wrong:
+        return (
+            f"every value must be a list of {len(fields)} ({', '.join(fields)}); got {wrong[0]!r}"
+        )
+    for i, field in enumerate(fields):
+        problem = _key_problem(
+            field, type(domain)(type=domain.type, values=[v[i] for v in domain.values])
+        )
+        if problem:
+            return problem
     return None
 
 
@@ -272,6 +348,7 @@ def trial_spec(sweep: SweepSpec, config: dict[str, Any], name: str | None = None
     """The JobSpec of one trial: ``config`` (space key -> sampled value) applied to the base.
     Preset keys resolve the base again through the presets (keeping the fields the base set
     itself); dotted keys then override single fields. Raises ValidationError or SpecError."""
+    config = expand(config)
     spec = sweep.base
     if any(k in config for k in PRESET_KEYS):
         spec = resolve_spec(

@@ -40,10 +40,8 @@ def paths_outside_root(spec: JobSpec | SweepSpec, root: Path) -> Iterator[tuple[
     prefix, data = ("base.", spec.base.data) if isinstance(spec, SweepSpec) else ("", spec.data)
     candidates = [("data.root", data.root), ("data.path", data.path)]
     if isinstance(spec, SweepSpec):
-        for key, domain in spec.space.items():
-            if key in ("data.root", "data.path"):
-                values = getattr(domain, "values", None) or []
-                candidates += [(f"space.{key}", v) for v in values if isinstance(v, str)]
+        for key in ("data.root", "data.path"):
+            candidates += [(f"space.{key}", v) for v in spec.values_of(key) if isinstance(v, str)]
     for field, value in candidates:
         if value is not None and not inside(value, root):
             name = field if field.startswith("space.") else prefix + field

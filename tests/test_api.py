@@ -208,6 +208,12 @@ def test_a_sweep_is_a_job_of_kind_sweep(client: TestClient, api_settings: Settin
         ({"ema.tau": {"type": "uniform", "low": 0.999, "high": 0.99}}, "space.ema.tau"),
         ({"optim.lr": {"type": "loguniform", "low": 0.0, "high": 1.0}}, "space.optim.lr"),
         ({"seed": {"type": "grid", "values": []}}, "space.seed"),
+        (
+            {"variant,seed": {"type": "grid", "values": [["byol", 0], ["byol"]]}},
+            "space.variant,seed",
+        ),
+        ({"variant,seed": {"type": "grid", "values": [["nope", 0]]}}, "space.variant,seed"),
+        ({"variant,seed": {"type": "uniform", "low": 0, "high": 1}}, "space.variant,seed"),
     ],
 )
 def test_a_bad_search_space_is_422_naming_it(
@@ -226,6 +232,17 @@ def test_a_sweep_reading_outside_the_data_root_is_422(client: TestClient, api_se
     response = submit(client, body)
     assert response.status_code == 422
     assert [e["field"] for e in response.json()["errors"]] == ["base.data.root"]
+
+
+def test_a_sweep_searching_a_path_outside_the_data_root_with_another_field_is_422(
+    client: TestClient, api_settings
+):
+    body = sweep(api_settings)
+    body["base"]["data"] |= {"name": "imagefolder", "path": str(api_settings.data_root)}
+    body["space"] = {"data.path,seed": {"type": "grid", "values": [["/etc", 0]]}}
+    response = submit(client, body)
+    assert response.status_code == 422, response.text
+    assert [e["field"] for e in response.json()["errors"]] == ["space.data.path"]
 
 
 def test_malformed_bodies_are_4xx_json_never_500(client: TestClient):
