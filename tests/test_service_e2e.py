@@ -7,6 +7,7 @@ without disturbing anything else on the machine.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -174,27 +175,62 @@ def test_a_job_runs_from_post_to_succeeded_with_its_curves_in_mlflow(service, ml
     assert link == f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
 
 
-def test_a_sweep_runs_as_a_job_with_its_trials_in_the_api_and_mlflow(service, mlflow_server):
+def test_reproduce_runs_as_a_sweep_job_with_its_trials_in_the_api_and_mlflow(
+    service, mlflow_server, tmp_path
+):
+    """`byol reproduce --service`: the study's grid as one sweep job; trials in GET /jobs/{id},
+    parent and child runs in MLflow, and the table fetched back from the sweep's run."""
     url, start_worker, root = service
-    body = {
-        "kind": "sweep",
-        "name": "sweep-job",
-        "base": deep_merge(TINY, {"data": {"root": str(root)}}),
-        "space": {"optim.lr": {"type": "grid", "values": [0.05, 0.4]}},
-        "max_concurrent_trials": 2,
-    }
-    response = httpx.post(f"{url}/jobs", json=body, headers=AUTH, timeout=10)
-    assert response.status_code == 201, response.text
-    job = response.json()
     start_worker()
-    done = wait_for(url, job["id"], finished, timeout=400)
+    out = tmp_path / "repro"
+    tiny = [
+        "--data", "shapes", "--epochs", "2", "--set", f"data.root={root}",
+        "--set", "batch_size=64", "--set", "data.train_limit=256", "--set", "data.eval_limit=200",
+        "--set", "model.encoder.width=8", "--set", "model.projector.hidden_dim=64",
+        "--set", "model.predictor.hidden_dim=64", "--set", "model.projection_dim=32",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "byol_core.cli",
+            "reproduce",
+            *tiny,
+            "--variants",
+            "no_norm,byol",
+            "--seeds",
+            "1",
+            "--service",
+            url,
+            "--token",
+            TOKEN,
+            "--tracking-uri",
+            mlflow_server,
+            "--out",
+            str(out),
+        ],
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| BYOL | Batch Norm | Batch Norm | L2 | Implicit | 57.7 |" in proc.stdout
+    rows = {r["variant"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert (rows["byol"]["seeds"], rows["no_norm"]["seeds"]) == ("2", "1")
+    assert (out / "figures" / "collapse.png").stat().st_size > 10_000
+
+    (job,) = httpx.get(f"{url}/jobs", params={"name": "reproduce-cpu"}, timeout=10).json()["jobs"]
+    done = httpx.get(f"{url}/jobs/{job['id']}", timeout=10).json()
     assert done["status"] == "succeeded", done
     sweep = done["sweep"]
-    assert sorted(float(t["config"]["optim.lr"]) for t in sweep["trials"]) == [0.05, 0.4]
+    assert sorted(tuple(t["config"]["variant,seed"]) for t in sweep["trials"]) == [
+        ("byol", 0), ("byol", 1), ("no_norm", 0),
+    ]  # fmt: skip
     assert all(t["status"] == "finished" and t["best_metric"] is not None for t in sweep["trials"])
     best = max(sweep["trials"], key=lambda t: t["best_metric"])
     assert sweep["best"]["trial_id"] == best["trial_id"]
-    assert float(sweep["best_config"]["optim.lr"]) == float(best["config"]["optim.lr"])
+    assert sweep["best_config"] == best["config"]
 
     client = MlflowClient(mlflow_server)
     parent = done["mlflow"]["run_id"]
@@ -205,6 +241,7 @@ def test_a_sweep_runs_as_a_job_with_its_trials_in_the_api_and_mlflow(service, ml
     assert sorted(r.info.run_id for r in children) == sorted(
         t["mlflow_run_id"] for t in sweep["trials"]
     )
+    assert "results.md" in {a.path for a in client.list_artifacts(parent)}
 
 
 def test_cancelling_a_running_job_stops_ray_within_ten_seconds(service, mlflow_server):

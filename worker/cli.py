@@ -1,4 +1,4 @@
-"""``byol worker`` and ``byol sweep``, plugged into the ``byol`` command by entry point."""
+"""``byol worker``, ``byol sweep`` and ``byol reproduce``, plugged into ``byol`` by entry point."""
 
 from __future__ import annotations
 
@@ -67,3 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="sweep folder (default: runs/NAME-TIMESTAMP); reuse to resume")
     p.add_argument("-q", "--quiet", action="store_true", help="only the JSON summary")
     p.set_defaults(func=cmd_sweep)
+
+    from worker.reproduce import register as register_reproduce
+
+    register_reproduce(sub)

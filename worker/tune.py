@@ -44,6 +44,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from byol_core.errors import ByolError
+from byol_core.study_report import TrialResult, write_study_report
 from byol_core.sweep import (
     Choice,
     Domain,
@@ -140,6 +141,8 @@ def run_sweep(
         raise
     summary = summarize(sweep, grid.experiment_path, uri, parent)
     summary |= {"max_concurrent_trials": concurrency, "seconds": time.perf_counter() - started}
+    if sweep.report == "study":
+        report(sweep, grid.experiment_path, uri, parent, out_dir)
     return record(summary, uri, parent, out_dir)
 
 
@@ -256,8 +259,11 @@ def same_sweep(out_dir: Path, sweep: SweepSpec) -> None:
 
 
 def sweep_params(sweep: SweepSpec) -> dict[str, str]:
+    # MLflow refuses commas in names: fields searched together show as variant/seed.
     space = {
-        f"space.{key}": str(domain.model_dump(exclude={"type"}) | {"type": domain.type})
+        f"space.{key.replace(',', '/')}": str(
+            domain.model_dump(exclude={"type"}) | {"type": domain.type}
+        )
         for key, domain in sweep.space.items()
     }
     settings = sweep.model_dump(mode="json", exclude={"base", "space"})
@@ -370,6 +376,43 @@ def summarize(sweep: SweepSpec, experiment_path: str, uri: str, parent: str) -> 
         "trials": trials,
         "mlflow_run_id": parent,
     }
+
+
+def trial_results(sweep: SweepSpec, experiment_path: str) -> list[TrialResult]:
+    """Every trial that reported, with its per-epoch metrics as Tune received them (an epoch
+    reported again after a restart counts once, as its last report)."""
+    analysis = tune.ExperimentAnalysis(experiment_path)
+    frames = analysis.trial_dataframes
+    out = []
+    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
+        frame = frames.get(trial.trial_id)
+        if frame is None or frame.empty or "epoch" not in frame:
+            continue
+        by_epoch: dict[int, dict[str, float]] = {}
+        for row in frame.to_dict("records"):
+            metrics = {
+                k: float(v)
+                for k, v in row.items()
+                if "/" in k and isinstance(v, int | float) and math.isfinite(v)
+            }
+            by_epoch[int(row["epoch"])] = metrics | {"epoch": int(row["epoch"])}
+        spec = trial_spec(sweep, trial.config)
+        seconds = float(frame["time_total_s"].iloc[-1]) if "time_total_s" in frame else 0.0
+        history = [by_epoch[e] for e in sorted(by_epoch)]
+        status_ = status(sweep, trial, max(by_epoch))
+        out.append(TrialResult(spec.variant or "", spec.seed, spec, history, seconds, status_))
+    return out
+
+
+def report(sweep: SweepSpec, experiment_path: str, uri: str, parent: str, out_dir: Path) -> None:
+    """The study's table and figures, in the sweep's folder and its parent run."""
+    trials = trial_results(sweep, experiment_path)
+    if not trials:
+        return
+    client = MlflowClient(uri)
+    for path in write_study_report(trials, out_dir, title=sweep.name):
+        folder = path.parent.relative_to(out_dir).as_posix()
+        client.log_artifact(parent, str(path), None if folder == "." else folder)
 
 
 def status(sweep: SweepSpec, trial: Trial, epochs: int) -> str:
