@@ -1,0 +1,140 @@
+"""Levers the step benchmark cannot switch by a spec field: ``torch.compile``, the optimizer's
+and the EMA's implementation. Same model and batch as ``benchmarks.step``.
+
+* optimizer: our LARS class in SGD mode (foreach ops, what training uses) against torch's SGD
+  as a for-loop, foreach and fused, on the online network's real gradients;
+* EMA: our one ``_foreach_lerp_`` against a per-parameter loop (lightly's old style);
+* ``torch.compile`` of the online and target networks inside our ``train_step``: compile time,
+  then the step.
+
+    python -m benchmarks.levers [--repeats 10] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.report import header
+from benchmarks.step import BATCH, SIZE, step_spec
+from byol_core.augment import PairAugment
+from byol_core.ema import ema_update
+from byol_core.losses import BYOLLoss
+from byol_core.model import BYOL
+from byol_core.optim import build_optimizer
+from byol_core.runtime import resolve_runtime
+from byol_core.trainer import train_step
+
+
+def _median_ms(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    timings: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            timings[name].append(time.perf_counter() - start)
+    return {k: 1e3 * statistics.median(v) for k, v in timings.items()}
+
+
+def _model_and_views() -> tuple[BYOL, list[torch.Tensor]]:
+    spec = step_spec()
+    torch.manual_seed(0)
+    model = BYOL(spec.model)
+    images = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8)
+    views = list(PairAugment(spec.augment)(images, torch.Generator().manual_seed(0)))
+    return model, views
+
+
+def optimizer_and_ema(repeats: int) -> dict[str, float]:
+    spec = step_spec()
+    model, views = _model_and_views()
+    runtime = resolve_runtime(spec.runtime)
+    ours = build_optimizer(model.online, spec.optim, lr=0.06)
+    train_step(model.online, model.target, BYOLLoss(), ours, views, runtime)  # real gradients
+    params = [p for p in model.online.parameters() if p.grad is not None]
+    torch_sgd = {
+        impl: torch.optim.SGD(
+            params,
+            lr=0.06,
+            momentum=0.9,
+            weight_decay=1e-4,
+            foreach=impl == "foreach",
+            fused=impl == "fused",
+        )
+        for impl in ("for-loop", "foreach", "fused")
+    }
+    target, online = model.target_pairs()
+
+    def ema_loop() -> None:
+        with torch.no_grad():
+            for t, o in zip(target, online, strict=True):
+                t.mul_(0.99).add_(o, alpha=0.01)
+
+    fns: dict[str, Callable[[], None]] = {"optimizer: ours (LARS class, SGD mode)": ours.step}
+    fns.update({f"optimizer: torch SGD {impl}": opt.step for impl, opt in torch_sgd.items()})
+    fns["EMA: ours (one foreach lerp)"] = lambda: ema_update(target, online, 0.99)
+    fns["EMA: per-parameter loop"] = ema_loop
+    return _median_ms(fns, repeats)
+
+
+def compiled_step(repeats: int) -> dict[str, float]:
+    """Eager against ``torch.compile`` (default mode) of both networks, in our runtime."""
+    spec = step_spec()
+    runtime = resolve_runtime(spec.runtime)
+    out: dict[str, float] = {}
+    fns = {}
+    for compiled in (False, True):
+        model, views = _model_and_views()
+        if runtime.channels_last:
+            model.to(memory_format=torch.channels_last)
+        online, target = model.online, model.target
+        if compiled:
+            online, target = torch.compile(online), torch.compile(target)
+        opt = build_optimizer(model.online, spec.optim, lr=0.06)
+        pairs, loss_fn = model.target_pairs(), BYOLLoss()
+
+        def step(
+            online=online, target=target, opt=opt, pairs=pairs, loss_fn=loss_fn, views=views
+        ) -> None:
+            train_step(online, target, loss_fn, opt, views, runtime)
+            ema_update(*pairs, 0.99)
+
+        start = time.perf_counter()
+        step()  # compiles, for the compiled one
+        name = "torch.compile" if compiled else "eager"
+        out[f"{name}: first step (compilation)"] = 1e3 * (time.perf_counter() - start)
+        fns[f"{name}: step"] = step
+    out.update(_median_ms(fns, repeats))
+    return out
+
+
+def markdown(results: dict[str, float]) -> str:
+    rows = "\n".join(f"| {name} | {ms:.2f} |" for name, ms in results.items())
+    return f"""### Levers measured outside the step table (`python -m benchmarks.levers`)
+
+| what | median ms |
+|---|---:|
+{rows}
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    results = optimizer_and_ema(args.repeats)
+    if not args.no_compile:
+        results.update(compiled_step(args.repeats))
+    print(header())
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

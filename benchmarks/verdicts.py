@@ -1,0 +1,209 @@
+"""The report's judgement: targets met or not, and what each lever did, from the measured figures.
+
+Kept apart from the measuring modules so that the text that draws conclusions is in one place
+and only ever states numbers that this run measured.
+"""
+
+from __future__ import annotations
+
+from benchmarks.augmentation import SHARE_TARGET, SPEEDUP_TARGET, AugmentResult
+from benchmarks.epoch import EpochResult, breakdown
+from benchmarks.step import BOUND_TARGET, TARGETS, StepResult
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def summary(step: StepResult | None, aug: AugmentResult | None) -> str:
+    rows = []
+    if step:
+        for peer, target in TARGETS.items():
+            ratio = step.ratio(peer)
+            rows.append(
+                (f"step: ours over {peer}", f">= {target}x", f"{ratio:.2f}x", ratio >= target)
+            )
+        bound = step.seconds["ours"] / step.bound
+        rows.append(
+            (
+                "step: ours over 4/3 supervised",
+                f"<= {BOUND_TARGET}x",
+                f"{bound:.2f}x",
+                bound <= BOUND_TARGET,
+            )
+        )
+    if aug:
+        rows.append(
+            (
+                "augmentation: ours over torchvision DataLoader",
+                f">= {SPEEDUP_TARGET:.0f}x",
+                f"{aug.speedup:.1f}x",
+                aug.speedup >= SPEEDUP_TARGET,
+            )
+        )
+    if step and "augment" in step.seconds:
+        share = step.seconds["augment"] / step.seconds["ours"]
+        rows.append(
+            (
+                "augmentation: share of a step",
+                f"<= {100 * SHARE_TARGET:.0f}%",
+                f"{100 * share:.1f}%",
+                share <= SHARE_TARGET,
+            )
+        )
+    notes = []
+    if step:
+        for peer, target in TARGETS.items():
+            if step.ratio(peer) >= target:
+                continue
+            needed = step.seconds[peer] / target
+            notes.append(
+                f"- {target}x over {peer} needs a step of at most {needed * 1e3:.0f} ms: "
+                f"{needed / step.bound:.2f}x our own bound ({step.bound * 1e3:.0f} ms, 4/3 of a "
+                "supervised forward + backward of the same encoder in the same bf16 + "
+                "channels_last runtime), and ours is already "
+                f"{step.seconds['ours'] / step.bound:.2f}x that bound. "
+                + (
+                    "Below the bound means less arithmetic than the method has or faster "
+                    "convolution kernels than this CPU's oneDNN bf16 ones (AVX512-BF16, no AMX), "
+                    "not a better step: not reachable here without changing what is compared."
+                    if needed < step.bound
+                    else "Within reach only by closing the remaining gap to the bound."
+                )
+            )
+    table = "\n".join(
+        f"| {what} | {target} | {got} | {_verdict(ok)} |" for what, target, got, ok in rows
+    )
+    return f"""## Targets
+
+| target | wanted | measured | |
+|---|---|---|---|
+{table}
+
+{chr(10).join(notes)}
+"""
+
+
+def _vs(name: str, other_s: float, ours_s: float) -> str:
+    """'NAME takes A ms against B ms for ours (x R)': the numbers, with no adjective that a
+    noisy run could contradict."""
+    return f"{name} {other_s * 1e3:.0f} ms against {ours_s * 1e3:.0f} ms ({other_s / ours_s:.2f}x)"
+
+
+def _kept(ok: bool) -> str:
+    return "kept" if ok else "**did not help in this run**"
+
+
+def levers_section(
+    step: StepResult | None, lever_ms: dict[str, float], epoch: EpochResult | None
+) -> str:
+    lines = [
+        "## Levers",
+        "",
+        "Each figure is a lever's row over ours (defaults) from section 1.",
+        "",
+    ]
+    if step:
+        s = step.seconds
+        ours = s["ours"]
+        fp32, no_cl = s["ours fp32"], s["ours no channels_last"]
+        sync = _vs(
+            "reading loss and diagnostics with `.item()` every step", s["ours + host sync"], ours
+        )
+        lines += [
+            f"- **bf16 autocast** ({_kept(fp32 > ours)}; default where the CPU has "
+            f"AVX512-BF16/AMX and on GPUs with bf16): {_vs('fp32', fp32, ours)}. This CPU has "
+            "AVX512-BF16 but no AMX tiles, so bf16 convolutions gain far less than AMX would "
+            "give; GPUs were not measured (none here).",
+            f"- **channels_last** ({_kept(no_cl > ours)}; default): "
+            f"{_vs('without it', no_cl, ours)}; both levers off, "
+            f"{_vs('fp32 without channels_last', s['ours fp32 no channels_last'], ours)}.",
+            f"- **no host synchronisation in the step** (kept): "
+            f"{sync}."
+            " On a CPU every op has finished when it returns, so a sync can cost nothing beyond "
+            "noise here; on a GPU it stalls the queue every step, which is why the diagnostics "
+            "stay on the device until the epoch ends.",
+            f"- **both views in one pass** (per-view batch norm, `view_bn`): "
+            f"{_vs('one pass', s['ours one pass'], ours)} for a pass per view. Training takes a "
+            "pass per view on one process and one pass under global BN (half the collectives, "
+            "docs/benchmark-distributed.md).",
+        ]
+        if "lightly bf16" in s:
+            fast = _vs(
+                "lightly under the same bf16 autocast + channels_last", s["lightly bf16"], ours
+            )
+            rest = s["lightly bf16"] / ours
+            why = (
+                "so nearly all of our lead over lightly as shipped is these two levers: the rest "
+                "of our step (foreach EMA and optimizer, no host syncs) costs what lightly's does "
+                "once the convolutions are the same"
+                if rest < 1.05
+                else "the rest of the lead is the rest of our step (foreach EMA and optimizer, "
+                "no host syncs, less Python per step)"
+            )
+            lines.append(
+                "- How much of the lead over lightly is precision and layout: "
+                f"{fast} (as shipped: {s['lightly'] / ours:.2f}x); {why}."
+            )
+    opt = {k: v for k, v in lever_ms.items() if k.startswith("optimizer")}
+    if opt:
+        ours_opt = opt["optimizer: ours (LARS class, SGD mode)"]
+        others = ", ".join(f"{k.split(': ')[1]} {v:.1f} ms" for k, v in opt.items())
+        lines.append(
+            f"- **foreach / fused optimizer**: {others}. Ours is foreach already "
+            f"({ours_opt:.1f} ms, "
+            + (f"{100 * ours_opt / 1e3 / step.seconds['ours']:.1f}% of a step" if step else "")
+            + "). The optimizer is too small a part of the step for fused SGD to matter here, "
+            "and LARS needs its trust ratios between the gradient and the update, which fused "
+            "SGD has no hook for: kept as is."
+        )
+    ema = {k: v for k, v in lever_ms.items() if k.startswith("EMA")}
+    if ema:
+        lines.append(
+            "- **EMA**: "
+            + ", ".join(f"{k.split(': ')[1]} {v:.1f} ms" for k, v in ema.items())
+            + " (kept: one foreach lerp)."
+        )
+    if "torch.compile: step" in lever_ms:
+        eager, comp = lever_ms["eager: step"], lever_ms["torch.compile: step"]
+        compile_s = lever_ms["torch.compile: first step (compilation)"] / 1e3
+        gain = eager / comp
+        lines.append(
+            f"- **torch.compile** (default mode, online and target networks): {comp:.0f} ms "
+            f"against {eager:.0f} ms eager ({gain:.2f}x) after {compile_s:.0f} s of compilation."
+            + (
+                " Slower than eager here: the convolutions, most of the step, stay oneDNN's "
+                "under inductor, and the elementwise work it fuses is a small part; not a "
+                "default, and it would also recompile whenever a shape changes (the last partial "
+                "batch of evaluation, another view size)."
+                if gain < 1.0
+                else " Not a default: the compilation costs more than a short CPU run saves, and "
+                "it recompiles whenever a shape changes (the last partial batch of evaluation, "
+                "another view size)."
+                if gain < 1.15
+                else " It helps the step; not a default because of the compilation time on "
+                "short runs and recompiles on new shapes; worth an opt-in for long runs."
+            )
+        )
+    lines.append(
+        "- **data held as uint8 on the device** (kept, the Trainer's design): a batch is an "
+        "index lookup into one uint8 tensor (a quarter of float32's memory), augmented there; "
+        "section 2 measures it against a DataLoader."
+    )
+    if epoch:
+        parts = dict(breakdown(epoch))
+        evaluation = sum(v for k, v in parts.items() if k.startswith("evaluation"))
+        logging = sum(v for k, v in parts.items() if k.startswith("logging"))
+        lines.append(
+            f"- **overlapping evaluation and logging with training** (not done): in the epoch "
+            f"of section 3 evaluation is {100 * evaluation / epoch.fit_s:.0f}% and logging "
+            f"{100 * logging / epoch.fit_s:.1f}% of `fit()`. Logging is too small to hide. "
+            "Evaluation is the largest part after the backward pass, most of it the "
+            "scikit-learn probe on the host; beside the next epoch on these two cores it would "
+            "compete with torch's threads for the same cores (oversubscribed oneDNN threads "
+            "spin-wait: section 1's figures were taken with one thread for that reason), so it "
+            "was not moved to a background thread here. On a GPU machine, where the probe runs "
+            "on the host while the device trains, overlapping it would pay; `eval.every` is "
+            "the knob meanwhile."
+        )
+    return "\n".join(lines) + "\n"
