@@ -18,18 +18,22 @@ from byol_core.errors import ByolError
 from byol_core.presets import bases, load_document, resolve_spec, variants
 
 
+def add_overrides_argument(
+    parser: argparse.ArgumentParser,
+    help: str = "override a field by dotted path, e.g. --set optim.lr=0.4 (repeatable)",
+) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``: every command that resolves a
+    spec takes its overrides the same way."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def _spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec_file", nargs="?", help="YAML or JSON spec (fields of JobSpec)")
     parser.add_argument("--preset", "--variant", dest="variant", help="study variant, e.g. no_norm")
     parser.add_argument("--base", help=f"preset base: one of {', '.join(bases())}")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field by dotted path, e.g. --set optim.lr=0.4 (repeatable)",
-    )
+    add_overrides_argument(parser)
 
 
 def spec_from_args(args: argparse.Namespace):

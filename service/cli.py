@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from byol_core.cli import add_overrides_argument
 from byol_core.errors import ByolError
 from byol_core.presets import load_document, resolve_spec
 from byol_core.sweep import resolve_sweep
@@ -29,14 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("spec_file", help="YAML or JSON spec, resolved exactly as `byol train` does")
     p.add_argument("--preset", "--variant", dest="variant", help="study variant, e.g. no_norm")
     p.add_argument("--base", help="preset base")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field by dotted path (repeatable)",
-    )
+    add_overrides_argument(p)
     _connection_arguments(p)
     p.add_argument("--token", help="API token (default: $BYOL_API_TOKEN)")
     p.add_argument("--idempotency-key", help="reuse to make a repeated submit return the same job")

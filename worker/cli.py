@@ -7,6 +7,8 @@ import contextlib
 import json
 import sys
 
+from byol_core.cli import add_overrides_argument
+
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from service.settings import SettingsError, load_settings
@@ -56,13 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec_file", help="YAML or JSON sweep spec (kind: sweep; see docs/sweeps.md)")
     p.add_argument("--preset", "--variant", dest="variant", help="variant of the base spec")
     p.add_argument("--base", help="preset base of the base spec")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of the base spec, e.g. --set epochs=3 (repeatable)",
+    add_overrides_argument(
+        p, help="override a field of the base spec, e.g. --set epochs=3 (repeatable)"
     )
     p.add_argument("--out", help="sweep folder (default: runs/NAME-TIMESTAMP); reuse to resume")
     p.add_argument("-q", "--quiet", action="store_true", help="only the JSON summary")

@@ -15,6 +15,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from byol_core.cli import add_overrides_argument
 from byol_core.errors import ByolError
 from byol_core.study import reproduction_sweep, reproductions, variant_groups
 from byol_core.sweep import SweepSpec
@@ -48,13 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="A,B,...",
         help=f"variants or groups ({', '.join(variant_groups())}); default: table",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of every trial's spec, e.g. --set data.train_limit=2000",
+    add_overrides_argument(
+        p, help="override a field of every trial's spec, e.g. --set data.train_limit=2000"
     )
     p.add_argument(
         "--out", help="folder (default: runs/reproduce-PRESET-TIMESTAMP); reuse to resume"
