@@ -14,8 +14,6 @@ that the workers' start-up is not counted. Interleaved repeats, medians.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from benchmarks.report import header
+from benchmarks.report import header, interleaved_medians
 from byol_core.augment import PairAugment, blur_kernel_size
 from byol_core.presets import resolve_spec
 from byol_core.spec import AugmentSpec
@@ -105,16 +103,8 @@ def measure(repeats: int = 7) -> AugmentResult:
         for _ in loader:
             pass
 
-    fns = {"ours": run_ours, "torchvision": run_torchvision}
-    timings: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():  # warm-up; starts the loader's workers
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            timings[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in timings.items()}
+    # The warm-up call also starts the loader's workers.
+    med = interleaved_medians({"ours": run_ours, "torchvision": run_torchvision}, repeats)
     return AugmentResult(repeats, med["ours"], med["torchvision"])
 
 

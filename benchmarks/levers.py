@@ -13,13 +13,12 @@ and the EMA's implementation. Same model and batch as ``benchmarks.step``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-from benchmarks.report import header
+from benchmarks.report import header, interleaved_medians
 from benchmarks.step import BATCH, SIZE, step_spec
 from byol_core.augment import PairAugment
 from byol_core.ema import ema_update
@@ -31,15 +30,7 @@ from byol_core.trainer import train_step
 
 
 def _median_ms(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    timings: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            timings[name].append(time.perf_counter() - start)
-    return {k: 1e3 * statistics.median(v) for k, v in timings.items()}
+    return {k: 1e3 * s for k, s in interleaved_medians(fns, repeats).items()}
 
 
 def _model_and_views() -> tuple[BYOL, list[torch.Tensor]]:

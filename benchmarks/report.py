@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,3 +40,17 @@ def header() -> str:
         f"torch {torch.__version__}, Python {platform.python_version()}; "
         f"load average {load_average()} at the start."
     )
+
+
+def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function over ``repeats`` rounds that call every function in
+    turn (after one warm-up call each): load that comes and goes hits every row alike."""
+    timings: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            timings[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in timings.items()}
