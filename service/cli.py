@@ -69,10 +69,16 @@ def _follow(client: ApiClient, job_id: str) -> dict[str, Any]:
     return client.wait(job_id)
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get("BYOL_API_TOKEN") or _local_token()
+def api_token(token: str | None, command: str) -> str:
+    """``--token``, else $BYOL_API_TOKEN, else the token `byol serve` made for this folder."""
+    token = token or os.environ.get("BYOL_API_TOKEN") or _local_token()
     if not token:
-        raise ByolError("submit needs an API token: pass --token or set BYOL_API_TOKEN")
+        raise ByolError(f"{command} needs an API token: pass --token or set BYOL_API_TOKEN")
+    return token
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    token = api_token(args.token, "submit")
     document = load_document(args.spec_file)
     # A sweep's base is resolved through the presets exactly as a training spec is.
     resolve = resolve_sweep if document.get("kind") == "sweep" else resolve_spec

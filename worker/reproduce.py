@@ -56,7 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out", help="folder (default: runs/reproduce-PRESET-TIMESTAMP); reuse to resume"
     )
     p.add_argument("--service", metavar="URL", help="submit to a running job service instead")
-    p.add_argument("--token", help="API token for --service (default: $BYOL_API_TOKEN)")
+    p.add_argument(
+        "--token",
+        help="API token for --service (default: $BYOL_API_TOKEN, else the token `byol serve` "
+        "made in this folder)",
+    )
     p.add_argument(
         "--tracking-uri",
         help="MLflow server to fetch the results from with --service (default: "
@@ -109,11 +113,10 @@ def run_here(sweep: SweepSpec, out: Path, quiet: bool) -> None:
 
 
 def run_on_service(sweep: SweepSpec, out: Path, args: argparse.Namespace, say) -> None:
+    from service.cli import api_token
     from service.client import ApiClient
 
-    token = args.token or os.environ.get("BYOL_API_TOKEN")
-    if not token:
-        raise ByolError("--service needs an API token: pass --token or set BYOL_API_TOKEN")
+    token = api_token(args.token, "--service")
     with ApiClient(args.service, token) as client:
         job = client.submit(sweep.model_dump(mode="json"))
         say(f"submitted job {job['id']} to {client.url}")
