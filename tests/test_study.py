@@ -101,7 +101,7 @@ def test_the_cpu_preset_reads_the_shared_cifar10_folder_when_it_is_there(tmp_pat
     from byol_core.data import load_data
 
     spec = trial_spec(reproduction_sweep("cpu", here=tmp_path), {"variant,seed": ["byol", 0]})
-    assert spec.data.name == "imagefolder" and Path(spec.data.path) == CIFAR
+    assert spec.data.name == "imagefolder" and Path(spec.data.path) == CIFAR.resolve()
     small = spec.data.model_copy(update={"train_limit": 200, "eval_limit": 100})
     data = load_data(small)
     assert data.train.images.shape == (200, 3, 32, 32) and len(set(data.test.labels.tolist())) == 10
