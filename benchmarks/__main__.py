@@ -6,7 +6,8 @@ Parts: 1 the training step against the peers and our bound (with the precision /
 host-sync levers), 2 augmentation against torchvision in a DataLoader, 3 one epoch of the
 CPU-scale study broken down by phase (skipped without ../shared/data/cifar10), 4 two gloo
 workers, global against local batch norm (``benchmarks.distributed`` in a subprocess, its report
-embedded), and the levers outside the step (optimizer, EMA, ``torch.compile``). The peers come
+embedded), and the levers outside the step (optimizer, EMA, ``torch.compile`` of the step and of the
+augmentation). The peers come
 with the ``bench`` extra: ``pip install -e '.[bench]'``.
 """
 
@@ -74,7 +75,7 @@ def main() -> None:
                 "",
                 summary(step_result, aug_result),
                 *sections,
-                levers_section(step_result, lever_ms, epoch_result),
+                levers_section(step_result, lever_ms, epoch_result, aug_result),
             ]
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +109,8 @@ def main() -> None:
         write()
         if "compile" not in skip:
             lever_ms.update(levers.compiled_step(args.repeats))
+            write()
+            lever_ms.update(levers.compiled_augment(args.repeats))
     print(write())
 
 

@@ -5,7 +5,9 @@ and the EMA's implementation. Same model and batch as ``benchmarks.step``.
   as a for-loop, foreach and fused, on the online network's real gradients;
 * EMA: our one ``_foreach_lerp_`` against a per-parameter loop (lightly's old style);
 * ``torch.compile`` of the online and target networks inside our ``train_step``: compile time,
-  then the step.
+  then the step;
+* ``torch.compile`` of the augmentation's three costliest ops (the crop's resampling, the hue
+  shift, the blur) on the study's 256 images at 96 px, against the eager pipeline's slices.
 
     python -m benchmarks.levers [--repeats 10] [--no-compile]
 """
@@ -17,14 +19,18 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
+from benchmarks import augmentation
 from benchmarks.report import header, interleaved_medians
 from benchmarks.step import BATCH, SIZE, step_spec
-from byol_core.augment import PairAugment
+from byol_core import augment
+from byol_core.augment import PairAugment, ViewAugment
 from byol_core.ema import ema_update
 from byol_core.losses import BYOLLoss
 from byol_core.model import BYOL
 from byol_core.optim import build_optimizer
+from byol_core.presets import resolve_spec
 from byol_core.runtime import resolve_runtime
 from byol_core.trainer import train_step
 
@@ -105,6 +111,50 @@ def compiled_step(repeats: int) -> dict[str, float]:
     return out
 
 
+def compiled_augment(repeats: int) -> dict[str, float]:
+    """Eager (in the pipeline's CPU slices, as ``ViewAugment.apply`` runs them) against
+    ``torch.compile`` (whole batch, static shapes) of one view's crop, hue shift and blur."""
+    spec = resolve_spec(base="study").augment
+    n, size = augmentation.N_IMAGES, augmentation.SIZE
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+    view = ViewAugment(spec, 0)
+    params = view.sample(n, size, size, "cpu", torch.Generator().manual_seed(0))
+    grid = augment._crop_grid(params.boxes, params.flip, size, size, spec.crop_size)
+    x = torch.rand(n, 3, spec.crop_size, spec.crop_size)
+    hue, weight = params.factors[:, augment.HUE], params.jitter.float()
+    kernels = augment.gaussian_kernels(params.sigma, view.kernel_size)
+
+    def crop(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        x = augment._to_unit_float(images)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def shift_hue(x: torch.Tensor, hue: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return augment._hue_(x.clone(), hue, weight)
+
+    ops = {
+        "crop (grid_sample)": (crop, (images, grid)),
+        "hue shift": (shift_hue, (x, hue, weight)),
+        "blur": (augment.gaussian_blur, (x, kernels)),
+    }
+    step = max(1, augment._CPU_CHUNK // (3 * spec.crop_size**2))
+    out: dict[str, float] = {}
+    fns: dict[str, Callable[[], None]] = {}
+    for name, (fn, args) in ops.items():
+
+        def sliced(fn=fn, args=args) -> None:
+            for start in range(0, n, step):
+                fn(*(a[start : start + step] for a in args))
+
+        compiled = torch.compile(fn, dynamic=False)
+        start = time.perf_counter()
+        compiled(*args)
+        out[f"augment compiled: {name} (compilation)"] = 1e3 * (time.perf_counter() - start)
+        fns[f"augment eager: {name}"] = sliced
+        fns[f"augment compiled: {name}"] = lambda compiled=compiled, args=args: compiled(*args)
+    out.update(_median_ms(fns, repeats))
+    return out
+
+
 def markdown(results: dict[str, float]) -> str:
     rows = "\n".join(f"| {name} | {ms:.2f} |" for name, ms in results.items())
     return f"""### Levers measured outside the step table (`python -m benchmarks.levers`)
@@ -123,6 +173,7 @@ def main() -> None:
     results = optimizer_and_ema(args.repeats)
     if not args.no_compile:
         results.update(compiled_step(args.repeats))
+        results.update(compiled_augment(args.repeats))
     print(header())
     print(markdown(results))
 

@@ -94,8 +94,42 @@ def _kept(ok: bool) -> str:
     return "kept" if ok else "**did not help in this run**"
 
 
+def _compiled_augment(lever_ms: dict[str, float], aug: AugmentResult | None) -> str | None:
+    """The augmentation-compile lever: per op, eager slices against the compiled batch, and
+    what compiling every op that gains would make of section 2's ratio."""
+    names = [k.split(": ", 1)[1] for k in lever_ms if k.startswith("augment eager: ")]
+    if not names:
+        return None
+    parts, saved_ms, compile_s = [], 0.0, 0.0
+    for name in names:
+        eager, comp = lever_ms[f"augment eager: {name}"], lever_ms[f"augment compiled: {name}"]
+        compile_s += lever_ms[f"augment compiled: {name} (compilation)"] / 1e3
+        saved_ms += 2 * max(0.0, eager - comp)  # both views
+        parts.append(f"{name} {eager:.1f} -> {comp:.1f} ms")
+    text = (
+        "- **torch.compile of the augmentation** (not kept), one view of section 2's batch, "
+        f"eager in the pipeline's slices -> compiled whole batch: {', '.join(parts)}; "
+        f"{compile_s:.0f} s of compilation in this run (inductor reuses its on-disk cache "
+        "across runs; a cold hue shift alone took about 25 s here)."
+    )
+    if aug is not None:
+        best = aug.ours_s - saved_ms / 1e3
+        reach = "reaching" if aug.torchvision_s / best >= SPEEDUP_TARGET else "still short of"
+        text += (
+            f" Compiling every op that gains would save at most {saved_ms:.0f} ms of the pair's "
+            f"{aug.ours_s * 1e3:.0f} ms: {aug.torchvision_s / best:.1f}x torchvision instead of "
+            f"{aug.speedup:.1f}x, {reach} {SPEEDUP_TARGET:.0f}x, for a part that is a few "
+            "per cent of a training step (section 2), at the price of a C++ compiler at run "
+            "time and a recompilation for every new batch shape."
+        )
+    return text
+
+
 def levers_section(
-    step: StepResult | None, lever_ms: dict[str, float], epoch: EpochResult | None
+    step: StepResult | None,
+    lever_ms: dict[str, float],
+    epoch: EpochResult | None,
+    aug: AugmentResult | None = None,
 ) -> str:
     lines = [
         "## Levers",
@@ -185,6 +219,9 @@ def levers_section(
                 "short runs and recompiles on new shapes; worth an opt-in for long runs."
             )
         )
+    compiled_aug = _compiled_augment(lever_ms, aug)
+    if compiled_aug:
+        lines.append(compiled_aug)
     lines.append(
         "- **data held as uint8 on the device** (kept, the Trainer's design): a batch is an "
         "index lookup into one uint8 tensor (a quarter of float32's memory), augmented there; "
