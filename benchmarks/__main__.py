@@ -6,9 +6,8 @@ Parts: 1 the training step against the peers and our bound (with the precision /
 host-sync levers), 2 augmentation against torchvision in a DataLoader, 3 one epoch of the
 CPU-scale study broken down by phase (skipped without ../shared/data/cifar10), 4 two gloo
 workers, global against local batch norm (``benchmarks.distributed`` in a subprocess, its report
-embedded), and the levers outside the step (optimizer, EMA, ``torch.compile`` of the step and of the
-augmentation). The peers come
-with the ``bench`` extra: ``pip install -e '.[bench]'``.
+embedded), and the levers outside the step (optimizer, EMA, ``torch.compile`` of the step and
+of the augmentation). The peers come with the ``bench`` extra: ``pip install -e '.[bench]'``.
 """
 
 from __future__ import annotations

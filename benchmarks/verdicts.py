@@ -110,7 +110,7 @@ def _compiled_augment(lever_ms: dict[str, float], aug: AugmentResult | None) -> 
         "- **torch.compile of the augmentation** (not kept), one view of section 2's batch, "
         f"eager in the pipeline's slices -> compiled whole batch: {', '.join(parts)}; "
         f"{compile_s:.0f} s of compilation in this run (inductor reuses its on-disk cache "
-        "across runs; a cold hue shift alone took about 25 s here)."
+        "across runs, so a machine's first run compiles longer)."
     )
     if aug is not None:
         best = aug.ours_s - saved_ms / 1e3
