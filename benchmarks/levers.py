@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks import augmentation
 from benchmarks.report import header, interleaved_medians
@@ -124,19 +123,15 @@ def compiled_augment(repeats: int) -> dict[str, float]:
     hue, weight = params.factors[:, augment.HUE], params.jitter.float()
     kernels = augment.gaussian_kernels(params.sigma, view.kernel_size)
 
-    def crop(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        x = augment._to_unit_float(images)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
     def shift_hue(x: torch.Tensor, hue: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return augment._hue_(x.clone(), hue, weight)
 
     ops = {
-        "crop (grid_sample)": (crop, (images, grid)),
+        "crop (grid_sample)": (augment._resample, (images, grid)),
         "hue shift": (shift_hue, (x, hue, weight)),
         "blur": (augment.gaussian_blur, (x, kernels)),
     }
-    step = max(1, augment._CPU_CHUNK // (3 * spec.crop_size**2))
+    step = augment._cpu_slice(spec.crop_size)
     out: dict[str, float] = {}
     fns: dict[str, Callable[[], None]] = {}
     for name, (fn, args) in ops.items():

@@ -213,6 +213,18 @@ def _crop_theta(boxes: Tensor, flip: Tensor, height: int, width: int) -> Tensor:
     return theta
 
 
+def _cpu_slice(size: int) -> int:
+    """Images per slice of the CPU pipeline for crops of ``size`` (about _CPU_CHUNK floats)."""
+    return max(1, _CPU_CHUNK // (3 * size * size))
+
+
+def _resample(images: Tensor, grid: Tensor) -> Tensor:
+    """The crop, resize and flip of a ``_crop_grid``: one bilinear pass over unit-float images."""
+    return F.grid_sample(
+        _to_unit_float(images), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+
+
 def _crop_grid(boxes: Tensor, flip: Tensor, height: int, width: int, size: int) -> Tensor:
     """``F.affine_grid(_crop_theta(...), align_corners=False)``, clamped to the boxes.
 
@@ -520,17 +532,11 @@ class ViewAugment:
         jitter_w = params.jitter.to(torch.float32)
         gray_w = params.grayscale.to(torch.float32)
 
-        step = n if images.device.type != "cpu" else max(1, _CPU_CHUNK // (3 * size * size))
+        step = n if images.device.type != "cpu" else _cpu_slice(size)
         for start in range(0, n, step):
             rows = slice(start, start + step)
             grid = _crop_grid(params.boxes[rows], params.flip[rows], height, width, size)
-            x = F.grid_sample(
-                _to_unit_float(images[rows]),
-                grid,
-                mode="bilinear",
-                padding_mode="border",
-                align_corners=False,
-            )
+            x = _resample(images[rows], grid)
             if self.spec.jitter_p > 0:
                 factors = params.factors[rows]
                 for op in params.order:
