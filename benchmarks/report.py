@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from byol_core.runtime import cpu_bf16_kind
+
 
 def machine_description() -> str:
     cpu = platform.machine()
@@ -23,7 +25,10 @@ def machine_description() -> str:
             if ln.startswith("model name")
         ]
         cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return (
+        f"{cpu} ({cpu_bf16_kind()}), {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads"
+    )
 
 
 def load_average() -> str:
