@@ -9,15 +9,15 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet
 
+from byol_core.small_map_conv import SmallMapConv2d, small_map_convs
 from byol_core.spec import EncoderSpec, MLPSpec
 from byol_core.view_bn import BatchNorm1d, BatchNorm2d
 
 
-class WSConv2d(nn.Conv2d):
+class WSConv2d(SmallMapConv2d):
     """Conv2d with weight standardisation: each filter is normalised to zero mean and unit
     variance before the convolution, which keeps the loss surface smooth without batch norm."""
 
@@ -25,7 +25,7 @@ class WSConv2d(nn.Conv2d):
         w = self.weight
         var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, correction=0)
         w = (w - mean) * torch.rsqrt(var + 1e-5)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self._conv_forward(x, w, self.bias)
 
 
 def _encoder_norm(kind: str, groups: int) -> type[nn.Module] | partial[nn.Module]:
@@ -55,6 +55,7 @@ def build_encoder(spec: EncoderSpec) -> nn.Module:
         net.maxpool = nn.Identity()
     if spec.norm == "group_ws":
         _standardise_convs(net)
+    small_map_convs(net)
     net.out_dim = net.fc.in_features
     net.fc = nn.Identity()
     return net

@@ -1,0 +1,137 @@
+"""Convolutions on small feature maps as matrix products, on the CPU.
+
+A ResNet's last stage on 64-96 px images works on 2x2 or 3x3 maps of 512 channels. oneDNN's CPU
+kernels for such maps run far below the matrix-multiply rate: the weight gradient of a
+512 -> 512 3x3 convolution on 64 maps of 2x2 took 14.6 ms in bf16 on an AMX CPU, against 2.4 ms
+as one product of the output gradient with the unfolded input (im2col), and 12.8 against 4.9 ms
+in fp32 (docs/benchmarks.md, "small feature maps"). On such maps the unfolded input is barely
+larger than the input itself (every position touches the padding), so the product costs what the
+arithmetic costs. It is the same sum, accumulated in fp32 by the matrix multiply as by the
+convolution, so the results agree within rounding.
+
+``SmallMapConv2d`` takes that route for the weight gradient when the output has at most
+``WEIGHT_GRAD_MAX_POSITIONS`` positions, and for the forward at most ``FORWARD_MAX_POSITIONS``
+(where it measured faster too); every other case, and every device but the CPU, is torch's own
+convolution. The input gradient always is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Output positions (H x W) up to which the product measured faster on the CPU, in bf16 and fp32:
+# the weight gradient through 3x3 maps, the forward through 2x2 (at 3x3 and 4x4 oneDNN's own
+# forward is as fast or faster, and at 4x4 so is its weight gradient).
+WEIGHT_GRAD_MAX_POSITIONS = 9
+FORWARD_MAX_POSITIONS = 4
+
+
+def _im2col_rows(x: torch.Tensor, kernel, dilation, padding, stride) -> torch.Tensor:
+    """The unfolded input as one row per (image, output position): (N * L, C * kh * kw)."""
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+class _SmallMapConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation):
+        n = x.shape[0]
+        out_c, _, kh, kw = weight.shape
+        ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        if ho * wo <= FORWARD_MAX_POSITIONS:
+            rows = _im2col_rows(x, (kh, kw), dilation, padding, stride)
+            y = rows @ weight.reshape(out_c, -1).t()
+            if bias is not None:
+                y = y + bias
+            # (N, Ho, Wo, C) viewed as NCHW is the channels_last layout torch's conv returns.
+            y = y.view(n, ho, wo, out_c).permute(0, 3, 1, 2)
+        else:
+            y = F.conv2d(x, weight, bias, stride, padding, dilation)
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding, dilation, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, has_bias = ctx.conv
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_y, x, weight, None, stride, padding, dilation, False, [0, 0], 1,
+                [True, False, False],
+            )[0]  # fmt: skip
+        if ctx.needs_input_grad[1]:
+            out_c = weight.shape[0]
+            rows = _im2col_rows(x, weight.shape[2:], dilation, padding, stride)
+            grad_rows = grad_y.permute(0, 2, 3, 1).reshape(-1, out_c)
+            grad_w = (grad_rows.t() @ rows).view(weight.shape)
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_y.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class SmallMapConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that computes small output maps on the CPU as matrix products (module
+    docstring). Same parameters and state dict as ``nn.Conv2d``. ``max_positions = 0`` on an
+    instance makes it torch's convolution throughout (the benchmark's lever-off row)."""
+
+    max_positions = WEIGHT_GRAD_MAX_POSITIONS
+
+    def _conv_forward(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if not self._small_map(input):
+            return super()._conv_forward(input, weight, bias)
+        if torch.is_autocast_enabled("cpu"):
+            # A custom Function is not autocast: cast as autocast casts a convolution.
+            dtype = torch.get_autocast_dtype("cpu")
+            input, weight = input.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        return _SmallMapConv.apply(input, weight, bias, self.stride, self.padding, self.dilation)
+
+    def _small_map(self, x: torch.Tensor) -> bool:
+        if (
+            x.device.type != "cpu"
+            or x.dim() != 4
+            or self.groups != 1
+            or self.padding_mode != "zeros"
+            or isinstance(self.padding, str)
+        ):
+            return False
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+            self.kernel_size, self.stride, self.padding, self.dilation
+        )  # fmt: skip
+        ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return ho * wo <= self.max_positions
+
+
+def small_map_convs(module: nn.Module) -> None:
+    """Make every plain ``nn.Conv2d`` under ``module`` a ``SmallMapConv2d`` in place (subclasses,
+    which may compute their own weight, are left alone)."""
+    for name, child in module.named_children():
+        if type(child) is nn.Conv2d:
+            # skip_init: no random initialisation, so building an encoder draws from the RNG
+            # exactly as before and a seed still gives the same weights.
+            conv = nn.utils.skip_init(
+                SmallMapConv2d,
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,
+                child.stride,
+                child.padding,
+                child.dilation,
+                child.groups,
+                child.bias is not None,
+                child.padding_mode,
+                device=child.weight.device,
+                dtype=child.weight.dtype,
+            )
+            conv.load_state_dict(child.state_dict())
+            setattr(module, name, conv)
+        else:
+            small_map_convs(child)

@@ -1,0 +1,104 @@
+"""SmallMapConv2d computes what nn.Conv2d computes, on the maps where it takes its own route."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from byol_core.networks import WSConv2d, build_encoder
+from byol_core.small_map_conv import SmallMapConv2d, _SmallMapConv, small_map_convs
+from byol_core.spec import EncoderSpec
+
+
+def _pair(cin: int, cout: int, stride: int, bias: bool) -> tuple[nn.Conv2d, SmallMapConv2d]:
+    torch.manual_seed(0)
+    ref = nn.Conv2d(cin, cout, 3, stride, 1, bias=bias)
+    ours = SmallMapConv2d(cin, cout, 3, stride, 1, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _run(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = x.clone().requires_grad_(True)
+    conv.zero_grad(set_to_none=True)
+    y = conv(x)
+    # A fixed, non-uniform output gradient, so that every weight gets a distinct gradient.
+    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+    grads = [x.grad] + [p.grad for p in conv.parameters()]
+    return y, grads
+
+
+@pytest.mark.parametrize(
+    ("size", "stride", "bias", "channels_last"),
+    [
+        (2, 1, False, True),  # 2x2 out: forward and weight gradient as products
+        (4, 2, True, False),  # 2x2 out from 4x4, strided, with a bias
+        (3, 1, True, True),  # 3x3 out: weight gradient as a product, oneDNN's forward
+        (6, 2, False, False),  # 3x3 out from 6x6
+        (5, 1, False, True),  # 5x5 out: torch's convolution throughout
+    ],
+)
+def test_matches_conv2d_in_fp32(size: int, stride: int, bias: bool, channels_last: bool) -> None:
+    ref, ours = _pair(8, 16, stride, bias)
+    x = torch.randn(4, 8, size, size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        ref.to(memory_format=torch.channels_last)
+        ours.to(memory_format=torch.channels_last)
+    assert ours._small_map(x) == (size in (2, 3, 4, 6))
+    y_ref, g_ref = _run(ref, x)
+    y, g = _run(ours, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert len(g) == len(g_ref) == (3 if bias else 2)
+    for got, want in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_are_exact_in_float64() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    for stride in ((1, 1), (2, 2)):
+        torch.autograd.gradcheck(
+            lambda x, w, b, s=stride: _SmallMapConv.apply(x, w, b, s, (1, 1), (1, 1)), (x, w, b)
+        )
+
+
+def test_bf16_autocast_matches_conv2d_within_bf16_rounding() -> None:
+    ref, ours = _pair(64, 64, 1, False)
+    x = torch.randn(8, 64, 2, 2).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, g_ref = _run(ref, x)
+        y, g = _run(ours, x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    for got, want in zip(g, g_ref, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=5e-2)
+
+
+def test_the_encoder_uses_it_and_keeps_torchvisions_state_dict() -> None:
+    enc = build_encoder(EncoderSpec(arch="resnet18", width=64))
+    convs = [m for m in enc.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(isinstance(m, SmallMapConv2d) for m in convs)
+    ws = build_encoder(EncoderSpec(arch="resnet18", width=16, norm="group_ws"))
+    assert all(isinstance(m, WSConv2d) for m in ws.modules() if isinstance(m, nn.Conv2d))
+    from torchvision.models import resnet18
+
+    assert set(enc.state_dict()) == set(resnet18().state_dict()) - {"fc.weight", "fc.bias"}
+
+
+def test_conversion_keeps_the_weights_and_draws_no_random_numbers() -> None:
+    """A seed must give the same encoder as before the conversion existed (earlier runs and
+    tables stay reproducible), so converting may not consume the RNG."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Sequential(nn.Conv2d(8, 8, 1)))
+    before = [p.clone() for p in net.parameters()]
+    state = torch.random.get_rng_state()
+    small_map_convs(net)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert isinstance(net[0], SmallMapConv2d) and isinstance(net[2][0], SmallMapConv2d)
+    for got, want in zip(net.parameters(), before, strict=True):
+        assert torch.equal(got, want)
