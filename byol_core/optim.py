@@ -23,9 +23,10 @@ class LARS(Optimizer):
     ``eta * ||w|| / ||g + wd * w||`` (1 where either norm is 0).
 
     Param-group options: ``weight_decay``, ``lars`` (adapt this group or not: groups without it
-    are plain SGD with momentum), ``lr_mult``. All tensors of a group are updated with
-    ``torch._foreach_*`` ops; trust ratios stay on the device (no host synchronisation) and the
-    last ones are kept in ``self.trust`` for diagnostics.
+    are plain SGD with momentum), ``lr_mult``. Trust ratios are ``torch._foreach_*`` ops over a
+    group's tensors and stay on the device (no host synchronisation; the last ones are kept in
+    ``self.trust`` for diagnostics); decay, momentum and update then run as torch's fused SGD
+    kernel on CPU and CUDA tensors (``fused=False``: as foreach ops, the path on other devices).
     """
 
     def __init__(
@@ -36,9 +37,11 @@ class LARS(Optimizer):
         weight_decay: float = 0.0,
         eta: float = 1e-3,
         lars: bool = True,
+        fused: bool = True,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=lars)
         super().__init__(params, defaults)
+        self.fused = fused
         # Last trust ratio per tensor, by group index; kept out of state_dict (a diagnostic).
         self.trust: dict[int, torch.Tensor] = {}
 
@@ -53,9 +56,11 @@ class LARS(Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            if group["weight_decay"]:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            weight_decay = group["weight_decay"]
             if group["lars"]:
+                if weight_decay:
+                    grads = torch._foreach_add(grads, params, alpha=weight_decay)
+                    weight_decay = 0.0  # in the gradients now, before the trust ratio
                 w_norm = torch.stack(torch._foreach_norm(params))
                 g_norm = torch.stack(torch._foreach_norm(grads))
                 trust = torch.where(
@@ -70,10 +75,32 @@ class LARS(Optimizer):
                     # A zero buffer makes the first step v = g, as torch.optim.SGD does.
                     state["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(state["momentum_buffer"])
+            if self.fused and _fusable(params):
+                # One kernel for decay, momentum and update (torch's fused SGD): a third of the
+                # foreach version's time on the CPU (docs/benchmarks.md, optimizer lever).
+                momentum = group["momentum"]
+                torch._fused_sgd_(
+                    params, grads, bufs if momentum else [], weight_decay=weight_decay,
+                    momentum=momentum, lr=group["lr"], dampening=0.0, nesterov=False,
+                    maximize=False,
+                    is_first_step=False,  # the zero buffer already makes the first v = g
+                )  # fmt: skip
+                continue
+            if weight_decay:
+                grads = torch._foreach_add(grads, params, alpha=weight_decay)
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, grads)
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
         return loss
+
+
+def _fusable(params: list[torch.Tensor]) -> bool:
+    """torch's fused SGD kernel takes floating tensors on one CPU or CUDA device, one dtype."""
+    first = params[0]
+    return first.device.type in ("cpu", "cuda") and all(
+        p.device == first.device and p.dtype == first.dtype and p.is_floating_point()
+        for p in params
+    )
 
 
 def _is_excluded(module: nn.Module, param: torch.Tensor) -> bool:

@@ -107,3 +107,31 @@ def test_predictor_lr_multiplier_and_trust_diagnostics():
     ratios = trust_ratios(opt, online)
     assert "encoder.conv1.weight" in ratios and ratios["encoder.conv1.weight"] > 0
     assert not any(n.endswith(".bias") for n in ratios)
+
+
+def test_fused_and_foreach_updates_agree():
+    """The fused kernel (CPU/CUDA) and the foreach fallback (other devices) are one update:
+    LARS and plain groups, weight decay, momentum, three steps."""
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+        start.extend(p.detach().clone() for p in net.parameters())
+        groups = [
+            {"params": [net[0].weight, net[2].weight], "lars": True, "weight_decay": 1e-2},
+            {"params": [net[0].bias, net[2].bias, *net[1].parameters()], "lars": False,
+             "weight_decay": 0.0},
+        ]  # fmt: skip
+        opt = LARS(groups, lr=0.3, momentum=0.9, eta=0.01, fused=fused)
+        for _ in range(3):
+            opt.zero_grad()
+            net(torch.randn(8, 5)).square().sum().backward()
+            opt.step()
+        return [p.detach().clone() for p in net.parameters()]
+
+    start: list[torch.Tensor] = []
+    fused = run(fused=True)
+    assert all(not torch.equal(a, b) for a, b in zip(fused, start, strict=True))
+    foreach = run(fused=False)
+    for a, b in zip(fused, foreach, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
