@@ -105,6 +105,7 @@ def main() -> None:
         write()
     if "levers" not in skip:
         lever_ms.update(levers.optimizer_and_ema(args.repeats))
+        lever_ms.update(levers.small_map_convs(args.repeats))
         write()
         if "compile" not in skip:
             lever_ms.update(levers.compiled_step(args.repeats))

@@ -7,7 +7,10 @@ and the EMA's implementation. Same model and batch as ``benchmarks.step``.
 * ``torch.compile`` of the online and target networks inside our ``train_step``: compile time,
   then the step;
 * ``torch.compile`` of the augmentation's three costliest ops (the crop's resampling, the hue
-  shift, the blur) on the study's 256 images at 96 px, against the eager pipeline's slices.
+  shift, the blur) on the study's 256 images at 96 px, against the eager pipeline's slices;
+* small feature maps: one convolution's forward + backward, torch's against ``SmallMapConv2d``,
+  on the last ResNet stage's maps at 64 and 96 px (and one size where torch's is kept), in
+  bf16 autocast and in fp32.
 
     python -m benchmarks.levers [--repeats 10] [--no-compile]
 """
@@ -19,6 +22,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from benchmarks import augmentation
 from benchmarks.report import header, interleaved_medians
@@ -31,6 +35,7 @@ from byol_core.model import BYOL
 from byol_core.optim import build_optimizer
 from byol_core.presets import resolve_spec
 from byol_core.runtime import resolve_runtime
+from byol_core.small_map_conv import SmallMapConv2d
 from byol_core.trainer import train_step
 
 
@@ -72,7 +77,12 @@ def optimizer_and_ema(repeats: int) -> dict[str, float]:
             for t, o in zip(target, online, strict=True):
                 t.mul_(0.99).add_(o, alpha=0.01)
 
-    fns: dict[str, Callable[[], None]] = {"optimizer: ours (LARS class, SGD mode)": ours.step}
+    foreach = build_optimizer(model.online, spec.optim, lr=0.06)
+    foreach.fused = False
+    fns: dict[str, Callable[[], None]] = {
+        "optimizer: ours (LARS class, SGD mode)": ours.step,
+        "optimizer: ours, foreach instead of the fused kernel": foreach.step,
+    }
     fns.update({f"optimizer: torch SGD {impl}": opt.step for impl, opt in torch_sgd.items()})
     fns["EMA: ours (one foreach lerp)"] = lambda: ema_update(target, online, 0.99)
     fns["EMA: per-parameter loop"] = ema_loop
@@ -150,6 +160,43 @@ def compiled_augment(repeats: int) -> dict[str, float]:
     return out
 
 
+# (in channels, out channels, input side, stride): ResNet-18's last stage at 64 px (2x2 out) and
+# 96 px (3x3 out), and its 4x4 maps (128 px), where torch's convolution is kept.
+SMALL_MAP_SHAPES = ((512, 512, 2, 1), (256, 512, 4, 2), (512, 512, 3, 1), (256, 512, 6, 2),
+                    (512, 512, 4, 1))  # fmt: skip
+
+
+def small_map_key(precision: str, shape: tuple[int, int, int, int], impl: str) -> str:
+    cin, cout, side, stride = shape
+    return f"small maps {precision} {cin}->{cout} {side}x{side}/{stride}: {impl}"
+
+
+def small_map_convs(repeats: int) -> dict[str, float]:
+    """Forward + backward (input and weight gradients) of one 3x3 convolution on the step
+    benchmark's batch, torch's ``nn.Conv2d`` against ``SmallMapConv2d``, channels_last."""
+    fns: dict[str, Callable[[], None]] = {}
+    for precision in ("bf16", "fp32"):
+        for shape in SMALL_MAP_SHAPES:
+            cin, cout, side, stride = shape
+            torch.manual_seed(0)
+            plain = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            ours = SmallMapConv2d(cin, cout, 3, stride, 1, bias=False)
+            ours.load_state_dict(plain.state_dict())
+            layout = torch.channels_last
+            x = torch.randn(BATCH, cin, side, side).contiguous(memory_format=layout)
+            x.requires_grad_(True)
+            for impl, conv in (("torch", plain), ("ours", ours)):
+                conv.to(memory_format=layout)
+
+                def run(conv=conv, x=x, bf16=precision == "bf16") -> None:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        y = conv(x)
+                    y.backward(torch.ones_like(y, memory_format=torch.channels_last))
+
+                fns[small_map_key(precision, shape, impl)] = run
+    return _median_ms(fns, repeats)
+
+
 def markdown(results: dict[str, float]) -> str:
     rows = "\n".join(f"| {name} | {ms:.2f} |" for name, ms in results.items())
     return f"""### Levers measured outside the step table (`python -m benchmarks.levers`)
@@ -169,6 +216,7 @@ def main() -> None:
     if not args.no_compile:
         results.update(compiled_step(args.repeats))
         results.update(compiled_augment(args.repeats))
+    results.update(small_map_convs(args.repeats))
     print(header())
     print(markdown(results))
 

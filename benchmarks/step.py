@@ -36,6 +36,7 @@ from byol_core.networks import build_encoder
 from byol_core.optim import build_optimizer
 from byol_core.presets import resolve_spec
 from byol_core.runtime import Runtime, resolve_runtime
+from byol_core.small_map_conv import SmallMapConv2d
 from byol_core.spec import JobSpec
 from byol_core.trainer import train_step
 
@@ -63,16 +64,25 @@ def step_spec(*overrides: str) -> JobSpec:
 
 
 def ours_step(
-    views: list[torch.Tensor], *overrides: str, sync: bool = False, passes: str = "auto"
+    views: list[torch.Tensor],
+    *overrides: str,
+    sync: bool = False,
+    passes: str = "auto",
+    small_maps: bool = True,
 ) -> Step:
     """Our step (``train_step`` + foreach EMA) as the Trainer runs it. ``sync``: also read the
     loss and diagnostics on the host every step, as a loop with per-step ``.item()`` would.
-    ``passes``: how the views go through the networks (``Online.view_passes``)."""
+    ``passes``: how the views go through the networks (``Online.view_passes``).
+    ``small_maps=False``: torch's own convolution on small maps too (``SmallMapConv2d``)."""
     spec = step_spec(*overrides)
     runtime = resolve_runtime(spec.runtime)
     torch.manual_seed(0)
     model = BYOL(spec.model)
     model.online.view_passes = model.target.view_passes = passes
+    if not small_maps:
+        for m in model.modules():
+            if isinstance(m, SmallMapConv2d):
+                m.max_positions = 0
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
     loss_fn = BYOLLoss()
@@ -136,6 +146,7 @@ ROWS = {
     "ours fp32 no channels_last": "levers off: ours in fp32 without channels_last",
     "ours + host sync": "lever off: ours reading loss and diagnostics with .item() every step",
     "ours one pass": "lever: ours with both views in one pass (per-view BN, `view_bn`)",
+    "ours no small maps": "lever off: ours with torch's convolution on 2x2/3x3 maps too",
     "lightly bf16": "lightly's step under the same bf16 autocast + channels_last (not as shipped)",
     "augment": "(not in a step) our augmentation of both views of the 64 uint8 images",
 }
@@ -180,6 +191,7 @@ def measure(repeats: int = 10, levers: bool = True) -> StepResult:
         )
         fns["ours + host sync"] = ours_step(views, sync=True)
         fns["ours one pass"] = ours_step(views, passes="one")
+        fns["ours no small maps"] = ours_step(views, small_maps=False)
         fns["lightly bf16"] = _lightly_fast(x0, x1, runtime)
     timings: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():  # warm-up: allocator, oneDNN primitive caches

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from benchmarks.augmentation import SHARE_TARGET, SPEEDUP_TARGET, AugmentResult
 from benchmarks.epoch import EpochResult, breakdown
+from benchmarks.levers import SMALL_MAP_SHAPES, small_map_key
 from benchmarks.step import BOUND_TARGET, TARGETS, StepResult
+from byol_core.runtime import cpu_bf16_kind
+from byol_core.small_map_conv import FORWARD_MAX_POSITIONS, WEIGHT_GRAD_MAX_POSITIONS
 
 
 def _verdict(ok: bool) -> str:
@@ -65,7 +68,7 @@ def summary(step: StepResult | None, aug: AugmentResult | None) -> str:
                 f"{step.seconds['ours'] / step.bound:.2f}x that bound. "
                 + (
                     "Below the bound means less arithmetic than the method has or faster "
-                    "convolution kernels than this CPU's oneDNN bf16 ones (AVX512-BF16, no AMX), "
+                    f"convolution kernels than this CPU's oneDNN bf16 ones ({cpu_bf16_kind()}), "
                     "not a better step: not reachable here without changing what is compared."
                     if needed < step.bound
                     else "Within reach only by closing the remaining gap to the bound."
@@ -125,6 +128,49 @@ def _compiled_augment(lever_ms: dict[str, float], aug: AugmentResult | None) -> 
     return text
 
 
+def _bf16_hardware_note() -> str:
+    kind = cpu_bf16_kind()
+    if kind == "AMX":
+        return "This CPU has AMX tiles, which oneDNN's bf16 convolutions use."
+    if kind.startswith("AVX512-BF16"):
+        return (
+            "This CPU has AVX512-BF16 but no AMX tiles, so bf16 convolutions gain far less "
+            "than AMX would give."
+        )
+    return "This CPU has no bf16 instructions: bf16 is emulated and not a default here."
+
+
+def _small_maps(lever_ms: dict[str, float]) -> str | None:
+    """The per-shape table behind ``SmallMapConv2d``'s thresholds."""
+    if not any(k.startswith("small maps ") for k in lever_ms):
+        return None
+    rows = []
+    for precision in ("bf16", "fp32"):
+        for shape in SMALL_MAP_SHAPES:
+            plain = lever_ms[small_map_key(precision, shape, "torch")]
+            ours = lever_ms[small_map_key(precision, shape, "ours")]
+            cin, cout, side, stride = shape
+            out = (side - 1) // stride + 1
+            rows.append(
+                f"| {precision} | {cin} -> {cout}, {side}x{side}, stride {stride} | {out}x{out} "
+                f"| {plain:.2f} | {ours:.2f} | {plain / ours:.2f}x |"
+            )
+    table = "\n".join(rows)
+    return f"""
+### Small feature maps
+
+One 3x3 convolution, forward + backward (input and weight gradients), on 64 images in
+channels_last: torch's `nn.Conv2d` against `SmallMapConv2d`, which computes the weight gradient
+as one product with the unfolded input when the output has at most
+{WEIGHT_GRAD_MAX_POSITIONS} positions, and the forward too at most {FORWARD_MAX_POSITIONS}.
+Median ms of interleaved repeats (`python -m benchmarks.levers`).
+
+| precision | convolution | output | torch ms | ours ms | torch / ours |
+|---|---|---|---:|---:|---:|
+{table}
+"""
+
+
 def levers_section(
     step: StepResult | None,
     lever_ms: dict[str, float],
@@ -146,9 +192,9 @@ def levers_section(
         )
         lines += [
             f"- **bf16 autocast** ({_kept(fp32 > ours)}; default where the CPU has "
-            f"AVX512-BF16/AMX and on GPUs with bf16): {_vs('fp32', fp32, ours)}. This CPU has "
-            "AVX512-BF16 but no AMX tiles, so bf16 convolutions gain far less than AMX would "
-            "give; GPUs were not measured (none here).",
+            f"AVX512-BF16/AMX and on GPUs with bf16): {_vs('fp32', fp32, ours)}. "
+            + _bf16_hardware_note()
+            + " GPUs were not measured (none here).",
             f"- **channels_last** ({_kept(no_cl > ours)}; default): "
             f"{_vs('without it', no_cl, ours)}; both levers off, "
             f"{_vs('fp32 without channels_last', s['ours fp32 no channels_last'], ours)}.",
@@ -162,6 +208,19 @@ def levers_section(
             "pass per view on one process and one pass under global BN (half the collectives, "
             "docs/benchmark-distributed.md).",
         ]
+        if "ours no small maps" in s:
+            plain = s["ours no small maps"]
+            without = _vs("torch's convolution on every map", plain, ours)
+            lines.append(
+                f"- **small feature maps as matrix products** (`SmallMapConv2d`, "
+                f"{_kept(plain > ours)}; default on the CPU): "
+                f"{without}. At 64 px the last "
+                "stage works on 2x2 maps of 512 channels, where oneDNN's weight-gradient kernel "
+                "runs at a fraction of the matrix-multiply rate; there the weight gradient (and "
+                "at 2x2 the forward) is one product with the unfolded input (section "
+                '"Small feature maps" below). The supervised bound uses the same encoder, so it '
+                "gains as much."
+            )
         if "lightly bf16" in s:
             fast = _vs(
                 "lightly under the same bf16 autocast + channels_last", s["lightly bf16"], ours
@@ -183,13 +242,13 @@ def levers_section(
     if opt:
         ours_opt = opt["optimizer: ours (LARS class, SGD mode)"]
         others = ", ".join(f"{k.split(': ')[1]} {v:.1f} ms" for k, v in opt.items())
+        foreach = opt.get("optimizer: ours, foreach instead of the fused kernel")
+        share = f", {100 * ours_opt / 1e3 / step.seconds['ours']:.1f}% of a step" if step else ""
         lines.append(
-            f"- **foreach / fused optimizer**: {others}. Ours is foreach already "
-            f"({ours_opt:.1f} ms, "
-            + (f"{100 * ours_opt / 1e3 / step.seconds['ours']:.1f}% of a step" if step else "")
-            + "). The optimizer is too small a part of the step for fused SGD to matter here, "
-            "and LARS needs its trust ratios between the gradient and the update, which fused "
-            "SGD has no hook for: kept as is."
+            f"- **foreach / fused optimizer** ({_kept(foreach is None or foreach > ours_opt)}): "
+            f"{others}. Ours computes LARS's trust ratios with foreach ops and then hands decay, "
+            f"momentum and update to torch's fused SGD kernel ({ours_opt:.1f} ms{share}); the "
+            "foreach version of the same update is the path on devices the kernel does not take."
         )
     ema = {k: v for k, v in lever_ms.items() if k.startswith("EMA")}
     if ema:
@@ -243,4 +302,5 @@ def levers_section(
             "on the host while the device trains, overlapping it would pay; `eval.every` is "
             "the knob meanwhile."
         )
-    return "\n".join(lines) + "\n"
+    small = _small_maps(lever_ms)
+    return "\n".join(lines) + "\n" + (small or "")
