@@ -74,7 +74,7 @@ def test_reproduce_writes_the_table_and_figures_to_its_folder_and_mlflow(tmp_pat
         [parent.info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
     )
-    assert sorted(r.data.params["variant"] for r in children) == ["no_norm", "random", "random"]
+    assert sorted(r.data.params["variant"] for r in children) == ["no_norm", *["random"] * ANCHOR]
 
 
 def test_bad_options_are_one_line_errors(tmp_path):

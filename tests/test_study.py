@@ -20,11 +20,12 @@ def trials_of(sweep: SweepSpec) -> list[tuple[str, int]]:
     return [(v, s) for v, s in sweep.space["variant,seed"].values]
 
 
-def test_the_cpu_reproduction_is_the_table_with_two_seeds_for_byol_and_random(tmp_path):
+def test_the_cpu_reproduction_is_the_table_with_three_seeds_for_byol_and_random(tmp_path):
     sweep = reproduction_sweep("cpu", data="shapes", here=tmp_path)
     assert trials_of(sweep) == [
-        ("byol", 0), ("byol", 1), ("proj_bn_only", 0), ("pred_bn_only", 0), ("no_norm", 0),
-        ("layer_norm", 0), ("contrastive", 0), ("random", 0), ("random", 1),
+        ("byol", 0), ("byol", 1), ("byol", 2), ("proj_bn_only", 0), ("pred_bn_only", 0),
+        ("no_norm", 0), ("layer_norm", 0), ("contrastive", 0), ("random", 0), ("random", 1),
+        ("random", 2),
     ]  # fmt: skip
     assert sweep.report == "study"
     spec = trial_spec(sweep, {"variant,seed": ["layer_norm", 0]})
