@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet
 
-from byol_core.small_map_conv import SmallMapConv2d, small_map_convs
+from byol_core.small_map_conv import SmallMapConv2d, conv_args, small_map_convs
 from byol_core.spec import EncoderSpec, MLPSpec
 from byol_core.view_bn import BatchNorm1d, BatchNorm2d
 
@@ -88,16 +88,7 @@ def _init_like_torchvision(net: nn.Module) -> None:
 def _standardise_convs(module: nn.Module) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Conv2d) and not isinstance(child, WSConv2d):
-            ws = WSConv2d(
-                child.in_channels,
-                child.out_channels,
-                child.kernel_size,
-                child.stride,
-                child.padding,
-                child.dilation,
-                child.groups,
-                child.bias is not None,
-            )
+            ws = WSConv2d(*conv_args(child))
             ws.load_state_dict(child.state_dict())
             setattr(module, name, ws)
         else:

@@ -28,6 +28,22 @@ WEIGHT_GRAD_MAX_POSITIONS = 9
 FORWARD_MAX_POSITIONS = 4
 
 
+def _output_positions(size: tuple[int, int], kernel, stride, padding, dilation) -> tuple[int, int]:
+    """Output height and width of a convolution on a ``size`` map (torch's formula)."""
+    return tuple(
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(size, kernel, stride, padding, dilation, strict=True)
+    )
+
+
+def conv_args(conv: nn.Conv2d) -> tuple:
+    """The constructor arguments that rebuild ``conv`` as another Conv2d class."""
+    return (
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+    )  # fmt: skip
+
+
 def _im2col_rows(x: torch.Tensor, kernel, dilation, padding, stride) -> torch.Tensor:
     """The unfolded input as one row per (image, output position): (N * L, C * kh * kw)."""
     cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
@@ -39,8 +55,7 @@ class _SmallMapConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, padding, dilation):
         n = x.shape[0]
         out_c, _, kh, kw = weight.shape
-        ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        ho, wo = _output_positions(x.shape[2:], (kh, kw), stride, padding, dilation)
         if ho * wo <= FORWARD_MAX_POSITIONS:
             rows = _im2col_rows(x, (kh, kw), dilation, padding, stride)
             y = rows @ weight.reshape(out_c, -1).t()
@@ -102,11 +117,9 @@ class SmallMapConv2d(nn.Conv2d):
             or isinstance(self.padding, str)
         ):
             return False
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
-            self.kernel_size, self.stride, self.padding, self.dilation
-        )  # fmt: skip
-        ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        ho, wo = _output_positions(
+            x.shape[2:], self.kernel_size, self.stride, self.padding, self.dilation
+        )
         return ho * wo <= self.max_positions
 
 
@@ -119,15 +132,7 @@ def small_map_convs(module: nn.Module) -> None:
             # exactly as before and a seed still gives the same weights.
             conv = nn.utils.skip_init(
                 SmallMapConv2d,
-                child.in_channels,
-                child.out_channels,
-                child.kernel_size,
-                child.stride,
-                child.padding,
-                child.dilation,
-                child.groups,
-                child.bias is not None,
-                child.padding_mode,
+                *conv_args(child),
                 device=child.weight.device,
                 dtype=child.weight.dtype,
             )
