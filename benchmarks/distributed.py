@@ -4,11 +4,14 @@ Global BN adds small all-reduces per BN layer (forward and backward) on top of D
 all-reduce; this measures what that costs. The cpu preset's model (ResNet-18 at width 16, 32 px),
 global batch 256 (128 per process), one thread per process, bf16 as the trainer runs it.
 
-The first two rows are what training runs: under global BN both views go through the networks
-in one pass whose batch norms keep per-view statistics (``view_bn``, half the collectives), under
-local BN a pass per view (measured faster here). The other two rows swap the way the views go
-through, for comparison. Also counted: batch norm's all-reduces per step and the time spent in
-them. Writes docs/benchmark-distributed.md.
+The first two rows are what training runs on one host: global BN in one pass for both views
+(``view_bn``, half the collectives), its collectives through shared memory between the two
+processes (``shm_all_reduce``), local BN with a pass per view, and malloc keeping its heap
+(``runtime.keep_heap``). For comparison: global BN with shared memory off (gloo, as before and
+as between hosts), and global BN with a pass per view. Also counted: batch norm's all-reduces
+per step and the time spent in them. Rewrites the run's section of
+docs/benchmark-distributed.md (up to its first ``## `` heading) and keeps the rest, the earlier
+runs and levers, as it is.
 
     python -m benchmarks.distributed [--steps 16]
 """
@@ -32,17 +35,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from byol_core import sync_bn
 from byol_core.ema import ema_update
 from byol_core.presets import resolve_spec
-from byol_core.runtime import resolve_runtime
+from byol_core.runtime import keep_heap, resolve_runtime
 from byol_core.trainer import build, train_step
 
 WORLD, GLOBAL_BATCH, SIZE = 2, 256, 32
-# name: (BN scope, Online.view_passes). "auto", what training uses: one pass for both views
-# under global BN, a pass per view under local BN.
+# name: (BN scope, Online.view_passes, global BN's collectives through shared memory). "auto",
+# what training uses: one grouped pass for both views under global BN, a pass per view under
+# local BN.
 CONFIGS = {
-    "local (a pass per view)": ("local", "auto"),
-    "global (one pass for both views)": ("global", "auto"),
-    "local, one pass": ("local", "one"),
-    "global, a pass per view": ("global", "separate"),
+    "local (a pass per view)": ("local", "auto", True),
+    "global (one pass)": ("global", "auto", True),
+    "global, gloo (one pass)": ("global", "auto", False),
+    "global, a pass per view": ("global", "separate", True),
 }
 # The figure this benchmark printed before view_bn and the faster GlobalBatchNorm kernels
 # (2026-11-23, same machine, separate passes, the old kernels), for the record.
@@ -73,6 +77,7 @@ class _AllReduceClock:
 def _worker(rank: int, port: int, steps: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    keep_heap()  # as the trainer does in every process of a CPU run
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     clock = _AllReduceClock()
     spec = resolve_spec(overrides=[f"batch_size={GLOBAL_BATCH}"])
@@ -81,7 +86,12 @@ def _worker(rank: int, port: int, steps: int, out: str) -> None:
     views = [torch.randn(local, 3, SIZE, SIZE) for _ in range(2)]
     samples: dict[str, list[tuple[float, int, float]]] = {name: [] for name in CONFIGS}
     models = {}
-    for name, (scope, passes) in CONFIGS.items():
+    for name, (scope, passes, shared_memory) in CONFIGS.items():
+        spec = spec.model_copy(
+            update={
+                "distributed": spec.distributed.model_copy(update={"shared_memory": shared_memory})
+            }
+        )
         model, loss_fn, opt = build(spec, runtime.device, global_bn=scope == "global")
         model.to(memory_format=torch.channels_last)
         model.online.view_passes = model.target.view_passes = passes
@@ -99,13 +109,15 @@ def _worker(rank: int, port: int, steps: int, out: str) -> None:
                 samples[name].append((time.perf_counter() - t, clock.calls, clock.seconds))
     # The same collective alone, back to back: what one costs without a step around it.
     stats = torch.zeros(2, 2 * 128 + 1, dtype=torch.float64)
-    dist.barrier()
-    clock.reset()
-    for _ in range(200):
-        sync_bn.all_reduce(stats, None)
-    isolated = clock.seconds / clock.calls
+    isolated = []
+    for shared_memory in (True, False):
+        dist.barrier()
+        clock.reset()
+        for _ in range(200):
+            sync_bn.all_reduce(stats, None, shared_memory)
+        isolated.append(clock.seconds / clock.calls)
     if rank == 0:
-        lines = [f"isolated\t{isolated}\t0\t0"]
+        lines = ["isolated\t" + "\t".join(map(str, isolated)) + "\t0"]
         for name, rows in samples.items():
             step = statistics.median(r[0] for r in rows)
             inside = statistics.median(r[2] for r in rows)
@@ -125,13 +137,16 @@ def main() -> None:
     with tempfile.NamedTemporaryFile(suffix=".txt") as result:
         mp.spawn(_worker, args=(port, args.steps, result.name), nprocs=WORLD)
         rows = [ln.split("\t") for ln in Path(result.name).read_text().splitlines()]
-    isolated = float(rows.pop(0)[1])
+    isolated = [float(v) for v in rows.pop(0)[1:3]]
     med = {name: float(step) for name, step, _, _ in rows}
     calls = {name: int(n) for name, _, n, _ in rows}
     inside = {name: float(s) for name, _, _, s in rows}
 
     def overhead(scope_local: str, scope_global: str) -> str:
         return f"{100 * (med[scope_global] / med[scope_local] - 1):+.1f}%"
+
+    def per_call(name: str) -> str:
+        return f"{inside[name] / calls[name] * 1e3:.2f} ms"
 
     def row(name: str) -> str:
         ms = f"{med[name] * 1e3:.1f}"
@@ -140,32 +155,40 @@ def main() -> None:
         return f"| {name} | {ms} | {calls[name]} | {inside[name] * 1e3:.0f} |"
 
     before = 100 * (PREVIOUS["global"] / PREVIOUS["local"] - 1)
-    local, glob = list(CONFIGS)[:2]
+    local, glob, gloo, separate = CONFIGS
     table = "\n".join(row(name) for name in CONFIGS)
     report = f"""# Distributed step: global against local batch norm
 
-{datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} cores, 2 gloo processes with 1 thread each,
-torch {torch.__version__}. cpu preset model (ResNet-18 width 16, 32 px), global batch
-{GLOBAL_BATCH} ({GLOBAL_BATCH // WORLD} per process), DDP, bf16 autocast where available.
-Median of {args.steps} interleaved steps (`python -m benchmarks.distributed`). BN all-reduces:
-per step and rank, with the median wall time a rank spends inside them (waiting for the other
-rank included).
+{datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} cores, 2 processes with 1 thread each, torch
+{torch.__version__}. cpu preset model (ResNet-18 width 16, 32 px), global batch {GLOBAL_BATCH}
+({GLOBAL_BATCH // WORLD} per process), DDP, bf16 autocast where available. Median of
+{args.steps} interleaved steps (`python -m benchmarks.distributed`). Rows without "gloo" are
+what training runs on one host: global batch norm's collectives through shared memory
+(`distributed.shared_memory`, the default); the "gloo" row sends them through gloo, as before
+(and as between hosts). Every process keeps its malloc heap (`runtime.keep_heap`), as the
+trainer does in a distributed CPU run. BN all-reduces: per step and process, with the median wall
+time a process spends inside them (waiting for the other included).
 
 | configuration | median step ms | BN all-reduces | ms inside them |
 |---|---:|---:|---:|
 {table}
 
 Global BN costs **{overhead(local, glob)}** over local as training runs them (target <= 15%).
-Both in one pass: {overhead("local, one pass", glob)}; both with a pass per view:
-{overhead(local, "global, a pass per view")}. Before (this benchmark's previous figure: a pass per
-view and the old GlobalBatchNorm kernels): local {PREVIOUS["local"]:.1f} ms, global
-{PREVIOUS["global"]:.1f} ms, **{before:+.1f}%**.
+Through gloo, as it ran before: {overhead(local, gloo)}; with a pass per view:
+{overhead(local, separate)}. The first figure this benchmark
+printed (a pass per view, gloo, the first GlobalBatchNorm kernels): local
+{PREVIOUS["local"]:.1f} ms, global {PREVIOUS["global"]:.1f} ms, **{before:+.1f}%**.
 
-Per BN all-reduce within a step: {inside[glob] / calls[glob] * 1e3:.2f} ms (one pass),
-against {isolated * 1e3:.2f} ms for the same all-reduce repeated back to back with nothing
-around it: most of a collective's cost in a step is waiting for the other rank to arrive.
+Per BN all-reduce within a step: {per_call(glob)} through shared memory, {per_call(gloo)}
+through gloo; the same all-reduce repeated back to back with nothing around it:
+{isolated[0] * 1e3:.3f} ms and {isolated[1] * 1e3:.3f} ms. What remains inside a step is
+mostly waiting for the other process to reach the same layer.
 """
-    Path(args.out).write_text(report)
+    out = Path(args.out)
+    # The run's section is rewritten; the hand-kept sections after it (earlier runs, levers
+    # tried) stay.
+    kept = out.read_text().partition("\n## ")[1:] if out.exists() else ("", "")
+    out.write_text(report + "".join(kept))
     print(report)
 
 

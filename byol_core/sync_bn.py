@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from byol_core.shm_all_reduce import shm_communicator
 from byol_core.view_bn import (
     ViewGroupedNorm,
     check_groups,
@@ -39,16 +40,25 @@ _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 _yield = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 
-def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> None:
-    """``dist.all_reduce`` (sum, in place), waited for by polling instead of blocking.
+def all_reduce(
+    tensor: torch.Tensor, group: dist.ProcessGroup | None, shared_memory: bool = True
+) -> None:
+    """Sum ``tensor`` over ``group`` in place: through shared memory when every process of the
+    group is on this host and the tensor is on the CPU (``shm_all_reduce``), else through the
+    group's backend.
 
-    Why: batch norm's collectives are small and on the critical path, and most of their cost
-    is the wake-ups, not the data. Blocking parks this thread (and, on a VM, may halt its
+    ``shared_memory=False`` always takes the backend, waited for by polling instead of blocking.
+    Why polling: batch norm's collectives are small and on the critical path, and most of their
+    cost is the wake-ups, not the data. Blocking parks this thread (and, on a VM, may halt its
     virtual CPU) until gloo's threads signal completion. Measured on this 2-vCPU VM (2 gloo
     processes, the cpu preset's target network, 21 collectives): forward 233-293 ms blocking,
-    142-164 ms polling, the caller yielding its CPU to whatever else can run (gloo's own
-    threads included) while it waits.
+    142-164 ms polling.
     """
+    if shared_memory and tensor.device.type == "cpu":
+        shm = shm_communicator(group)
+        if shm is not None and shm.fits(tensor):
+            shm.all_reduce(tensor)
+            return
     work = dist.all_reduce(tensor, group=group, async_op=True)
     while not work.is_completed():
         _yield()
@@ -111,7 +121,7 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, count, group, eps):
+    def forward(ctx, x, weight, bias, mean, invstd, count, group, eps, shared_memory):
         groups = mean.shape[0]
         # (x - mean) * (w invstd) + b: torch's fused kernel, for fp32 and for bf16 input with
         # fp32 statistics alike.
@@ -120,7 +130,7 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
         for g, (xg, yg) in enumerate(zip(x.chunk(groups), y.chunk(groups), strict=True)):
             _affine(xg, scale[g], bias, mean[g], out=yg)
         ctx.save_for_backward(x, weight, mean, invstd, count)
-        ctx.group, ctx.eps = group, eps
+        ctx.group, ctx.eps, ctx.shared_memory = group, eps, shared_memory
         return y
 
     @staticmethod
@@ -147,7 +157,7 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
             grad_bias = local[:, :channels].sum(0).to(weight.dtype)
         if ctx.needs_input_grad[0]:
             total = local.to(mean.dtype)
-            all_reduce(total, ctx.group)
+            all_reduce(total, ctx.group, ctx.shared_memory)
             mean_dy, mean_dy_xhat = (total / count).split(channels, dim=1)
             scale = w * invstd
             # w invstd (dy - mean_dy - x_hat mean_dy_xhat) = scale dy + k (x - mean) + c per
@@ -160,7 +170,7 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
             for g, gi in enumerate(grad_input.chunk(groups)):
                 _affine(xs[g], k[g], c[g], mean[g], out=gi)
                 gi.add_(_affine(dys[g], scale[g], None, zero))
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 class GlobalBatchNorm(ViewGroupedNorm, nn.modules.batchnorm._BatchNorm):
@@ -195,11 +205,13 @@ class GlobalBatchNorm(ViewGroupedNorm, nn.modules.batchnorm._BatchNorm):
         process_group: dist.ProcessGroup | None = None,
         device=None,
         dtype=None,
+        shared_memory: bool = True,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         self.process_group = process_group
+        self.shared_memory = shared_memory
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -242,7 +254,7 @@ class GlobalBatchNorm(ViewGroupedNorm, nn.modules.batchnorm._BatchNorm):
                     )
                 )
             stats = torch.stack(rows)
-            all_reduce(stats, self.process_group)
+            all_reduce(stats, self.process_group, self.shared_memory)
             count = stats[:, -1:]
             mean64 = stats[:, :channels] / count
             var64 = (stats[:, channels:-1] / count - mean64 * mean64).clamp_min(0)
@@ -255,7 +267,15 @@ class GlobalBatchNorm(ViewGroupedNorm, nn.modules.batchnorm._BatchNorm):
                     self._update_running_stats(mean[g], var[g], count[g])
 
         return _GlobalBatchNormFunction.apply(
-            input, self.weight, self.bias, mean, invstd, count, self.process_group, self.eps
+            input,
+            self.weight,
+            self.bias,
+            mean,
+            invstd,
+            count,
+            self.process_group,
+            self.eps,
+            self.shared_memory,
         )
 
     def _update_running_stats(
@@ -297,7 +317,9 @@ def synchronises_batch_norm(module: nn.Module) -> bool:
     )
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+def convert_sync_batchnorm(
+    module: nn.Module, process_group=None, shared_memory: bool = True
+) -> nn.Module:
     """Replace every BatchNorm1d/2d in ``module`` (recursively) by a batch norm with global
     statistics: ``ViewSyncBatchNorm`` (torch's ``SyncBatchNorm``) when its parameters live on
     CUDA, ``GlobalBatchNorm`` otherwise; both keep statistics per view in a ``view_groups``
@@ -307,7 +329,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     As in torch, the new layer takes over the old one's parameter and buffer tensors (weight,
     bias, running_mean, running_var, num_batches_tracked), so an optimizer built before the
     conversion still updates them; eps, momentum, affine, track_running_stats and the training
-    flag are kept.
+    flag are kept. ``shared_memory``: ``GlobalBatchNorm``'s collectives go through shared memory
+    when every process is on one host (``all_reduce``); False keeps them on the backend.
     """
     out = module
     if isinstance(module, _BN_TYPES):
@@ -330,8 +353,10 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         out.running_var = module.running_var
         out.num_batches_tracked = module.num_batches_tracked
         out.training = module.training
+        if isinstance(out, GlobalBatchNorm):
+            out.shared_memory = shared_memory
         if hasattr(module, "qconfig"):
             out.qconfig = module.qconfig
     for name, child in module.named_children():
-        out.add_module(name, convert_sync_batchnorm(child, process_group))
+        out.add_module(name, convert_sync_batchnorm(child, process_group, shared_memory))
     return out

@@ -30,7 +30,7 @@ from byol_core.losses import build_loss
 from byol_core.model import BYOL, Target
 from byol_core.optim import build_optimizer, set_lr
 from byol_core.plots import plot_history
-from byol_core.runtime import Runtime, resolve_runtime
+from byol_core.runtime import Runtime, keep_heap, resolve_runtime
 from byol_core.schedules import learning_rate, scaled_lr, target_decay
 from byol_core.spec import JobSpec
 from byol_core.sync_bn import convert_sync_batchnorm
@@ -53,8 +53,9 @@ def build(
     torch.manual_seed(spec.seed)
     model = BYOL(spec.model)
     if global_bn:
-        model.online = convert_sync_batchnorm(model.online)
-        model.target = convert_sync_batchnorm(model.target)
+        shared_memory = spec.distributed.shared_memory
+        model.online = convert_sync_batchnorm(model.online, shared_memory=shared_memory)
+        model.target = convert_sync_batchnorm(model.target, shared_memory=shared_memory)
     model = model.to(device)
     loss_fn = build_loss(
         spec.loss.kind, spec.model.projection_dim, spec.loss.temperature, spec.loss.queue_size
@@ -119,6 +120,8 @@ class Trainer:
         self.rank = dist.get_rank() if distributed else 0
         self.world_size = dist.get_world_size() if distributed else 1
         global_bn = self.world_size > 1 and spec.distributed.bn_sync == "global"
+        if self.world_size > 1 and self.runtime.device.type == "cpu":
+            keep_heap()  # page faults at random moments hold up every process (keep_heap)
         self.model, self.loss_fn, self.optimizer = build(spec, self.runtime.device, global_bn)
         if self.runtime.channels_last:
             self.model.to(memory_format=torch.channels_last)

@@ -5,7 +5,9 @@ unconverted copy on the whole batch. With global batch statistics the two runs a
 computation (up to float summation order); with per-process ("local") statistics they are not.
 
 The workers run once per module (one spawn of two processes) and save what they saw; the tests
-compare with the single process.
+compare with the single process. Both processes are on this host, so global BN's collectives go
+through shared memory (``shm_all_reduce``) by default; the runs marked ``backend`` send them
+through gloo instead, as between hosts, and must give the same results.
 
 The BYOL steps run the two views as one batch whose batch norms keep per-view statistics (the
 default, ``view_bn``); the single process they are compared with makes the reference's separate
@@ -34,6 +36,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from byol_core import sync_bn
 from byol_core.ema import ema_update
 from byol_core.losses import build_loss
 from byol_core.model import BYOL
@@ -81,12 +84,10 @@ def byol_views(dtype: torch.dtype) -> list[torch.Tensor]:
     return [torch.rand(WORLD * B, 3, 16, 16, generator=g, dtype=dtype) for _ in range(2)]
 
 
-def byol_model(dtype: torch.dtype, separate: bool = False):
+def byol_model(dtype: torch.dtype, passes: str = "one"):
     spec = resolve_spec(overrides=BYOL_OVERRIDES)
     torch.manual_seed(spec.seed)
     model = BYOL(spec.model).to(dtype)
-    # Under global BN with 2 processes "auto" is one pass for both views.
-    passes = "separate" if separate else "auto"
     model.online.view_passes = model.target.view_passes = passes
     return spec, model
 
@@ -148,19 +149,19 @@ def train_byol(model: BYOL, online: nn.Module, spec, views: list[torch.Tensor]) 
 
 @contextlib.contextmanager
 def count_all_reduces() -> Iterator[list[None]]:
-    """Python-level all_reduce calls (batch norm's; DDP's gradient buckets go through C++)."""
+    """Batch norm's all-reduces (``sync_bn.all_reduce``, whichever way they travel)."""
     calls: list[None] = []
-    original = dist.all_reduce
+    original = sync_bn.all_reduce
 
     def counted(*args, **kwargs):
         calls.append(None)
         return original(*args, **kwargs)
 
-    dist.all_reduce = counted
+    sync_bn.all_reduce = counted  # looked up at call time by the forward and the backward
     try:
         yield calls
     finally:
-        dist.all_reduce = original
+        sync_bn.all_reduce = original
 
 
 def cumulative_running_stats(bn: nn.Module, x: torch.Tensor) -> dict:
@@ -192,9 +193,12 @@ def worker(rank: int, init_method: str, out_dir: str) -> None:
         x, t = local_half(x, rank), local_half(t, rank)
         results = {}
 
-        net = convert_sync_batchnorm(small_net())
-        assert sum(isinstance(m, GlobalBatchNorm) for m in net.modules()) == 2
-        results["global"] = train_small(net, DDP(net), x, t)
+        for key, shared_memory in (("global", True), ("global_backend", False)):
+            net = convert_sync_batchnorm(small_net(), shared_memory=shared_memory)
+            assert sum(isinstance(m, GlobalBatchNorm) for m in net.modules()) == 2
+            results[key] = train_small(net, DDP(net), x, t)
+        # Over shared memory every process adds the same numbers in the same order.
+        results["shm_used"] = sync_bn.shm_communicator() is not None
 
         net = small_net()  # "local" scope: every process normalises with its own B examples
         results["local"] = train_small(net, DDP(net), x, t)
@@ -204,17 +208,20 @@ def worker(rank: int, init_method: str, out_dir: str) -> None:
         results["offset"] = GlobalBatchNorm(3)(local_half(offset_input(), rank)).detach()
         results["bf16"] = conv_bn_bf16(GlobalBatchNorm(4), x)
 
-        for dtype, separate in (
-            (torch.float64, False),
-            (torch.float32, False),
-            (torch.float64, True),
+        for dtype, passes, shared_memory in (
+            (torch.float64, "one", True),
+            (torch.float32, "one", True),
+            (torch.float64, "separate", True),
+            (torch.float64, "one", False),
+            (torch.float64, "auto", True),
+            (torch.float64, "auto", False),
         ):
-            spec, model = byol_model(dtype, separate)
-            model.online = convert_sync_batchnorm(model.online)
-            model.target = convert_sync_batchnorm(model.target)
+            spec, model = byol_model(dtype, passes)
+            model.online = convert_sync_batchnorm(model.online, shared_memory=shared_memory)
+            model.target = convert_sync_batchnorm(model.target, shared_memory=shared_memory)
             assert not any(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in model.modules())
             views = [local_half(v, rank) for v in byol_views(dtype)]
-            key = f"byol_{dtype}" + ("_separate" if separate else "")
+            key = f"byol_{dtype}_{passes}" + ("" if shared_memory else "_backend")
             results[key] = train_byol(model, DDP(model.online), spec, views)
 
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -252,15 +259,20 @@ def single_small() -> dict:
     return train_small(net, net, x, t)
 
 
-def test_global_bn_equals_single_process_on_the_whole_batch(ranks, single_small):
-    ref, got = single_small, [r["global"] for r in ranks]
+def test_shared_memory_transport_is_used_on_one_host(ranks):
+    assert all(r["shm_used"] for r in ranks)
+
+
+@pytest.mark.parametrize("transport", ["global", "global_backend"])
+def test_global_bn_equals_single_process_on_the_whole_batch(ranks, single_small, transport):
+    ref, got = single_small, [r[transport] for r in ranks]
     atol = 1e-5
     # BN outputs: the two halves, put back together, are the full batch's outputs.
     for step in range(STEPS):
         for layer, expected in enumerate(ref["bn_out"][step]):
             joined = torch.cat([g["bn_out"][step][layer] for g in got])
             assert torch.allclose(joined, expected, atol=atol), (step, layer)
-    loss = mean_of_ranks(ranks, "global", "loss")
+    loss = mean_of_ranks(ranks, transport, "loss")
     assert torch.allclose(loss, ref["loss"], atol=atol), (loss, ref["loss"])
     for step in range(STEPS):
         for g in got:  # DDP-averaged gradients, the same on both ranks
@@ -308,13 +320,19 @@ def test_bf16_autocast_statistics_in_float32(ranks):
 
 
 def check_byol(
-    ranks: list[dict], dtype: torch.dtype, *, first_step: float, weights: float, loss: float
+    ranks: list[dict],
+    dtype: torch.dtype,
+    *,
+    first_step: float,
+    weights: float,
+    loss: float,
+    run: str = "one",
 ):
     # The reference: one process, a separate pass per view on the whole batch, as the reference
     # implementations compute it.
-    spec, model = byol_model(dtype, separate=True)
+    spec, model = byol_model(dtype, "separate")
     ref = train_byol(model, model.online, spec, byol_views(dtype))
-    got = [r[f"byol_{dtype}"] for r in ranks]
+    got = [r[f"byol_{dtype}_{run}"] for r in ranks]
     mean_loss = torch.stack([g["loss"] for g in got]).mean(0)  # DDP's objective
     devs = {"loss": (mean_loss - ref["loss"]).abs().max().item()}
     for part in ("online", "target"):
@@ -329,9 +347,10 @@ def check_byol(
             assert torch.equal(v, got[1]["target"][step][k]), (step, k)
 
 
-def test_byol_with_global_bn_is_single_process_training_float64(ranks):
+@pytest.mark.parametrize("run", ["one", "separate", "one_backend"])
+def test_byol_with_global_bn_is_single_process_training_float64(ranks, run):
     # The loss value itself is computed in float32 (losses.regression_loss).
-    check_byol(ranks, torch.float64, first_step=1e-10, weights=1e-10, loss=1e-6)
+    check_byol(ranks, torch.float64, first_step=1e-10, weights=1e-10, loss=1e-6, run=run)
 
 
 def test_byol_with_global_bn_is_single_process_training_fp32(ranks):
@@ -343,25 +362,36 @@ def test_one_pass_with_view_groups_is_separate_passes_under_global_bn(ranks):
     # Both distributed, float64: the grouped pass against a separate pass per view, online and
     # target (weights and running statistics), and the loss, at every step.
     for r in ranks:
-        grouped, sep = r["byol_torch.float64"], r["byol_torch.float64_separate"]
+        grouped, sep = r["byol_torch.float64_one"], r["byol_torch.float64_separate"]
         assert (grouped["loss"] - sep["loss"]).abs().max() < 1e-6
         for part in ("online", "target"):
             for step in range(STEPS):
                 assert max_dev(grouped[part][step], sep[part][step]) < 1e-10, (part, step)
 
 
-def test_one_pass_halves_the_batch_norm_collectives(ranks):
+def all_reduces_per_pass() -> int:
     _, model = byol_model(torch.float64)
     bns = [
         sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in part.modules())
         for part in (model.online, model.target)
     ]
     # Online: one all-reduce per layer in the forward and one in the backward; target: forward.
-    per_pass = 2 * bns[0] + bns[1]
+    return 2 * bns[0] + bns[1]
+
+
+def test_one_pass_halves_the_batch_norm_collectives(ranks):
+    per_pass = all_reduces_per_pass()
     for r in ranks:
-        assert r["byol_torch.float64"]["all_reduces"] == [per_pass] * STEPS
+        assert r["byol_torch.float64_one"]["all_reduces"] == [per_pass] * STEPS
         assert r["byol_torch.float64_separate"]["all_reduces"] == [2 * per_pass] * STEPS
     print(f"\nBN all-reduces per BYOL step: {per_pass} in one pass, {2 * per_pass} separately")
+
+
+def test_auto_is_one_pass_under_global_bn_whichever_way_collectives_travel(ranks):
+    per_pass = all_reduces_per_pass()
+    for r in ranks:
+        assert r["byol_torch.float64_auto"]["all_reduces"] == [per_pass] * STEPS
+        assert r["byol_torch.float64_auto_backend"]["all_reduces"] == [per_pass] * STEPS
 
 
 # -- without a process group: exactly nn.BatchNorm ----------------------------------------------
