@@ -190,6 +190,10 @@ class GlobalBatchNorm(ViewGroupedNorm, nn.modules.batchnorm._BatchNorm):
     G view chunks, each with its own global statistics, all G in the same two collectives.
     Outside the distributed case it is exactly ``nn.BatchNorm`` (per view chunk).
 
+    ``shared_memory``: on CPU, when every process of the group can map one shared segment
+    (one host), the collectives go through it (``shm_all_reduce``: microseconds where gloo's
+    loopback takes milliseconds); otherwise, or with False, through the group's backend.
+
     Nothing here waits for the device beyond the collectives themselves (no ``.item()``). Every
     process must call forward and backward on the same layers in the same order, as with any
     collective.
