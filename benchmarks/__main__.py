@@ -38,6 +38,17 @@ def _distributed(steps: int) -> str:
     return "## 4. Distributed step: global against local batch norm\n" + body
 
 
+# Sections kept by hand at the end of the document (runs compared across days, how to set up
+# the peers): a new run rewrites everything before the first of them and keeps the rest.
+HAND_KEPT = "\n## The runs compared"
+
+
+def hand_kept(path: Path) -> str:
+    text = path.read_text() if path.exists() else ""
+    at = text.find(HAND_KEPT)
+    return "\n" + text[at:] if at >= 0 else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
@@ -78,7 +89,7 @@ def main() -> None:
             ]
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+        args.out.write_text(report + hand_kept(args.out))
         return report
 
     if "step" not in skip:
