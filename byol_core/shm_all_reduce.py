@@ -46,7 +46,8 @@ SLOT_BYTES = 1 << 18
 _FLAG_STRIDE = 8  # int64 words: one flag per 64-byte cache line, so flags do not share lines
 _SPIN_SECONDS = 0.02
 _NAP_SECONDS = 0.0002
-_yield = getattr(os, "sched_yield", lambda: time.sleep(0))
+# Give the CPU to any other runnable thread, and take it back at once if there is none.
+yield_cpu = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 
 class SharedMemoryAllReduce:
@@ -180,7 +181,7 @@ class SharedMemoryAllReduce:
                     f"arrive within {self.timeout:.0f} s (did one of them fail?)"
                 )
             if waited < _SPIN_SECONDS:
-                _yield()
+                yield_cpu()
             else:
                 time.sleep(_NAP_SECONDS)
 

@@ -17,15 +17,12 @@ experimental variable, not an implementation detail: "local" (plain BatchNorm un
 
 from __future__ import annotations
 
-import os
-import time
-
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from byol_core.shm_all_reduce import shm_communicator
+from byol_core.shm_all_reduce import shm_communicator, yield_cpu
 from byol_core.view_bn import (
     ViewGroupedNorm,
     check_groups,
@@ -35,9 +32,6 @@ from byol_core.view_bn import (
 )
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
-
-
-_yield = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 
 def all_reduce(
@@ -61,7 +55,7 @@ def all_reduce(
             return
     work = dist.all_reduce(tensor, group=group, async_op=True)
     while not work.is_completed():
-        _yield()
+        yield_cpu()
     work.wait()  # re-raises a failed collective's error
 
 
