@@ -47,6 +47,7 @@ def many_calls(rank: int, init: str, out_dir: str) -> None:
         folder = Path(out_dir) / "segments"
         shm = SharedMemoryAllReduce.connect(directory=str(folder))
         assert shm is not None
+        dist.barrier()  # process 0 removes the file once connect's last collective is done
         left = sorted(p.name for p in folder.iterdir())
         jitter = random.Random(rank)
         got, gloo = [], []
@@ -125,6 +126,7 @@ def separate_folders(rank: int, init: str, out_dir: str) -> None:
         folder = Path(out_dir) / f"shm{rank}"
         folder.mkdir()
         shm = SharedMemoryAllReduce.connect(directory=str(folder))
+        dist.barrier()
         torch.save({"none": shm is None, "left": list(folder.iterdir())}, folder / "out.pt")
     finally:
         dist.destroy_process_group()
