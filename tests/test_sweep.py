@@ -182,8 +182,12 @@ def test_a_cancelled_sweep_frees_its_cpus_and_resumes_without_rerunning_trials(
         now = epochs_logged(client, after[trial_id].info.run_id)
         assert [e for e, _ in now] == [1, 2], trial_id
         assert now[: len(logged)] == logged, trial_id
-        # What Tune saw of the trial: each epoch once, so no epoch was trained again.
-        assert list(seen[trial_id]["epoch"]) == [1, 2], trial_id
+        # What Tune kept of the trial: no epoch twice, so none was trained again, ending at the
+        # last. (Tune's loggers buffer their files: a driver killed by force can lose the rows
+        # of the epochs before the cancel, as a CI run once did with epoch 1.)
+        tune_epochs = list(seen[trial_id]["epoch"])
+        assert len(tune_epochs) == len(set(tune_epochs)), (trial_id, tune_epochs)
+        assert tune_epochs[-1] == 2 and set(tune_epochs) <= {1, 2}, (trial_id, tune_epochs)
     for trial_id, end_time in ended.items():  # the finished trials did not run again
         assert after[trial_id].info.end_time == end_time, trial_id
     assert client.get_run(parent).info.status == "FINISHED"
