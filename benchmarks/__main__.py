@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import augmentation, epoch, levers, peers, step
-from benchmarks.report import header
+from benchmarks.report import hand_kept, header
 from benchmarks.verdicts import levers_section, summary
 
 PARTS = ("step", "augmentation", "epoch", "distributed", "levers", "compile")
@@ -40,13 +40,7 @@ def _distributed(steps: int) -> str:
 
 # Sections kept by hand at the end of the document (runs compared across days, how to set up
 # the peers): a new run rewrites everything before the first of them and keeps the rest.
-HAND_KEPT = "\n## The runs compared"
-
-
-def hand_kept(path: Path) -> str:
-    text = path.read_text() if path.exists() else ""
-    at = text.find(HAND_KEPT)
-    return "\n" + text[at:] if at >= 0 else ""
+HAND_KEPT = "## The runs compared"
 
 
 def main() -> None:
@@ -89,7 +83,7 @@ def main() -> None:
             ]
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + hand_kept(args.out))
+        args.out.write_text(report + "\n" + hand_kept(args.out, HAND_KEPT))
         return report
 
     if "step" not in skip:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from benchmarks.report import hand_kept
 from byol_core import sync_bn
 from byol_core.ema import ema_update
 from byol_core.presets import resolve_spec
@@ -187,8 +188,7 @@ mostly waiting for the other process to reach the same layer.
     out = Path(args.out)
     # The run's section is rewritten; the hand-kept sections after it (earlier runs, levers
     # tried) stay.
-    kept = out.read_text().partition("\n## ")[1:] if out.exists() else ("", "")
-    out.write_text(report + "".join(kept))
+    out.write_text(report + hand_kept(out, "## "))
     print(report)
 
 

@@ -59,3 +59,11 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int) -> dic
             fn()
             timings[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in timings.items()}
+
+
+def hand_kept(path: Path, heading: str) -> str:
+    """What a generated document keeps by hand: its text from the first line that starts with
+    ``heading`` to the end (with the newline before it), or "" when there is none."""
+    text = path.read_text() if path.exists() else ""
+    at = text.find("\n" + heading)
+    return text[at:] if at >= 0 else ""
