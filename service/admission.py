@@ -66,11 +66,19 @@ def unstorable_text(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[st
 
 
 def problems(
-    spec: JobSpec | SweepSpec, document: dict[str, Any], root: Path
+    spec: JobSpec | SweepSpec, document: dict[str, Any], root: Path, canonical: str
 ) -> list[tuple[str, str]]:
     """(dotted field, message) for each refusal; ``document`` is the spec as it is stored,
-    ``root`` the resolved data root."""
-    found = list(unstorable_text(document))
+    ``canonical`` its ``jobs.canonical`` JSON, ``root`` the resolved data root."""
+    found = [] if storable(canonical) else list(unstorable_text(document))
     if not found:
         found = list(paths_outside_root(spec, root))
     return found
+
+
+def storable(canonical: str) -> bool:
+    """Whether every text of a spec can be stored, judged from its canonical JSON: that is
+    ASCII, so it writes NUL as the escape u0000 and any character beyond the BMP, a lone
+    surrogate included, with d800-dfff escapes. Without either there is nothing to refuse, and
+    a spec with one (an emoji, say) is walked by ``unstorable_text`` to find out."""
+    return "\\u0000" not in canonical and "\\ud" not in canonical

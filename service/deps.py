@@ -11,6 +11,7 @@ from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 
+from service.intake import Intake
 from service.queue import Queue
 from service.settings import Settings
 
@@ -21,6 +22,7 @@ class Services:
     engine: Engine
     sessions: sessionmaker
     queue: Queue
+    intake: Intake
     events_redis: AsyncRedis
     mlflow_ui: str | None
     data_root: Path  # resolved once: it does not move while the service runs

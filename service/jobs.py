@@ -14,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Select, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from service.db import TERMINAL, Job, Status, utcnow
@@ -29,8 +30,26 @@ class Conflict(Exception):
     """The request conflicts with the job's state or with an earlier request."""
 
 
-def digest(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+def canonical(spec: dict[str, Any]) -> str:
+    """The spec as idempotency compares it: keys sorted, so that a retry listing the keys of a
+    free-form mapping in another order is the same spec."""
+    return json.dumps(spec, sort_keys=True)
+
+
+def digest(spec: dict[str, Any], canonical_text: str | None = None) -> str:
+    """``canonical_text``: ``canonical(spec)`` when the caller has it already."""
+    text = canonical(spec) if canonical_text is None else canonical_text
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job to create: the resolved spec, its owner and the request's idempotency key."""
+
+    spec: dict[str, Any]
+    owner: str
+    idempotency_key: str | None = None
+    spec_digest: str | None = None  # digest(spec), when the caller has it
 
 
 def create_job(
@@ -43,33 +62,71 @@ def create_job(
 ) -> tuple[Job, bool]:
     """Insert a queued job; returns (job, created). A repeated idempotency key with the same
     spec returns the first job; with another spec it raises Conflict."""
-    spec_digest = digest(spec)
-    # Insert first and look the key up only when the insert collides: a retry is the rare
-    # case, and the unique (owner, key) constraint decides races between retries anyway.
-    job = Job(
-        id=str(uuid.uuid4()),
-        name=spec.get("name", "byol"),
-        kind=spec.get("kind", "train"),
-        owner=owner,
-        spec=spec,
-        spec_digest=spec_digest,
-        idempotency_key=idempotency_key,
-        status=Status.queued,
-        attempts=0,
-        max_attempts=max_attempts,
-        cancel_requested=False,
+    (outcome,) = create_jobs(
+        session, [NewJob(spec, owner, idempotency_key)], max_attempts=max_attempts
     )
-    session.add(job)
-    try:
-        session.commit()
-    except IntegrityError:
-        # The key was used before (or by a concurrent retry that won the race).
-        session.rollback()
-        found = _by_key(session, owner, idempotency_key) if idempotency_key else None
+    if isinstance(outcome, Conflict):
+        raise outcome
+    return outcome
+
+
+def create_jobs(
+    session: Session, batch: Sequence[NewJob], *, max_attempts: int
+) -> list[tuple[Job, bool] | Conflict]:
+    """Insert queued jobs with one statement and one commit; for each, (job, created) or the
+    Conflict of a key used before with another spec.
+
+    Insert first and look a key up only when its row was skipped: a retry is the rare case,
+    and the unique (owner, key) constraint decides races between retries, here and in other
+    processes, because a skipped row waited for the transaction holding its key to end."""
+    now = utcnow()
+    rows = [_row(new, max_attempts, now) for new in batch]
+    skip_taken = _insert(session).on_conflict_do_nothing()
+    inserted = set(session.scalars(skip_taken.returning(Job.__table__.c.id), rows))
+    outcomes: list[tuple[Job, bool] | Conflict] = []
+    for new, row in zip(batch, rows, strict=True):
+        if row["id"] in inserted:
+            outcomes.append((Job(**row), True))
+            continue
+        # A skipped row without a key could only have collided on a random UUID: never.
+        found = _by_key(session, new.owner, new.idempotency_key) if new.idempotency_key else None
         if found is None:
-            raise
-        return _same_or_conflict(found, spec_digest), False
-    return job, True
+            raise RuntimeError(f"job {row['id']} was neither inserted nor found by its key")
+        try:
+            outcomes.append((_same_or_conflict(found, row["spec_digest"]), False))
+        except Conflict as conflict:
+            outcomes.append(conflict)
+    session.commit()
+    return outcomes
+
+
+def _row(new: NewJob, max_attempts: int, now: datetime) -> dict[str, Any]:
+    return {
+        "id": str(uuid.uuid4()),
+        "name": new.spec.get("name", "byol"),
+        "kind": new.spec.get("kind", "train"),
+        "owner": new.owner,
+        "spec": new.spec,
+        "spec_digest": new.spec_digest or digest(new.spec),
+        "idempotency_key": new.idempotency_key,
+        "status": Status.queued,
+        "attempts": 0,
+        "max_attempts": max_attempts,
+        "cancel_requested": False,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+# The dialects' own INSERTs know ON CONFLICT (PostgreSQL and SQLite spell it alike).
+INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+
+
+def _insert(session: Session) -> Any:
+    dialect = session.get_bind().dialect.name
+    if dialect not in INSERTS:
+        raise ValueError(f"unsupported database {dialect!r}: use PostgreSQL or SQLite")
+    return INSERTS[dialect](Job.__table__)
 
 
 def _by_key(session: Session, owner: str, key: str) -> Job | None:

@@ -38,14 +38,20 @@ class Queue:
         except RedisError:
             return False
 
-    def dispatch(self, job_id: str) -> bool:
-        """Announce a queued job to the workers. False when Redis is unreachable."""
+    def dispatch(self, *job_ids: str) -> bool:
+        """Announce queued jobs to the workers, in one round trip. False when Redis is
+        unreachable."""
         try:
-            self.redis.xadd(self.stream, {"job": job_id}, maxlen=10_000, approximate=True)
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.xadd(self.stream, {"job": job_id}, maxlen=10_000, approximate=True)
+                pipe.execute()
             return True
         except RedisError as exc:
             log.warning(
-                "dispatch of job %s not sent (workers will find it in SQL): %s", job_id, exc
+                "dispatch of %s not sent (workers will find them in SQL): %s",
+                ", ".join(job_ids),
+                exc,
             )
             return False
 
