@@ -48,8 +48,9 @@ class Settings(BaseSettings):
     api_concurrency: int = Field(
         16,
         gt=0,
-        description="Requests one API process serves at once (its threadpool), each holding at "
-        "most one database connection; further requests wait their turn.",
+        description="Reading and cancelling requests one API process serves at once (its "
+        "threadpool), each holding at most one database connection; further requests wait "
+        "their turn. New jobs do not count: they are written in batches, one connection at a time.",
     )
     max_attempts: int = Field(3, gt=0, description="Runs of a job before it fails for good.")
     lease_seconds: float = Field(
