@@ -29,7 +29,7 @@ def test_the_cpu_reproduction_is_the_table_with_three_seeds_for_byol_and_random(
     ]  # fmt: skip
     assert sweep.report == "study"
     spec = trial_spec(sweep, {"variant,seed": ["layer_norm", 0]})
-    assert (spec.variant, spec.seed, spec.epochs, spec.batch_size) == ("layer_norm", 0, 15, 256)
+    assert (spec.variant, spec.seed, spec.epochs, spec.batch_size) == ("layer_norm", 0, 15, 128)
     assert spec.model.projector.norm == spec.model.predictor.norm == "layer"
     assert spec.data.name == "shapes" and spec.model.encoder.width == 16
     random = trial_spec(sweep, {"variant,seed": ["random", 1]})
