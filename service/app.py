@@ -63,11 +63,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # longer than a blocking read of the event stream, so only a dead link times out
             socket_timeout=settings.poll_seconds + 5,
         )
-        intake = Intake(make_sessions(engine), queue, max_attempts=settings.max_attempts)
+        sessions = make_sessions(engine)
+        intake = Intake(sessions, queue, max_attempts=settings.max_attempts)
         app.state.services = Services(
             settings=settings,
             engine=engine,
-            sessions=make_sessions(engine),
+            sessions=sessions,
             queue=queue,
             intake=intake,
             events_redis=events_redis,
