@@ -198,8 +198,6 @@ def test_reproduce_runs_as_a_sweep_job_with_its_trials_in_the_api_and_mlflow(
             *tiny,
             "--variants",
             "no_norm,byol",
-            "--seeds",
-            "1",
             "--service",
             url,
             "--token",

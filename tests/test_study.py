@@ -36,6 +36,14 @@ def test_the_cpu_reproduction_is_the_table_with_three_seeds_for_byol_and_random(
     assert random.pretrain is False and random.seed == 1
 
 
+def test_an_explicit_seed_count_is_exact_for_every_variant(tmp_path):
+    # --seeds 1 is the plain one-seed table the preset's hour is sized for: no anchor seeds
+    sweep = reproduction_sweep("cpu", data="shapes", seeds=1, here=tmp_path)
+    assert trials_of(sweep) == [(name, 0) for name in variant_groups()["table"]]
+    two = reproduction_sweep("cpu", data="shapes", seeds=2, variant_names="byol", here=tmp_path)
+    assert trials_of(two) == [("byol", 0), ("byol", 1)]
+
+
 def test_options_reach_every_trial(tmp_path):
     sweep = reproduction_sweep(
         "cpu",

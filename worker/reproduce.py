@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seeds",
         type=int,
-        help="seeds per variant (byol and random get at least the preset's anchor_seeds)",
+        help="seeds per variant, exactly (default: the preset's, with byol and random at its "
+        "anchor_seeds)",
     )
     p.add_argument(
         "--variants",
