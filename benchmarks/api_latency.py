@@ -313,11 +313,11 @@ async def measure(server: Server, body: bytes, args: argparse.Namespace) -> list
 def stage_costs(database_url: str, prefix: str, body: bytes, repeat: int = 400) -> dict:
     """CPU milliseconds (median, this thread) of each step of POST /jobs, run in-process one
     request at a time: what the server's CPU per request is spent on."""
-    from byol_core.spec import JobSpec
     from service import admission, jobs
     from service.db import make_engine, make_sessions, migrate
     from service.queue import Queue
     from service.schemas import JobDetail
+    from service.submit_route import SPECS
     from service.views import job_detail
 
     migrate(database_url)
@@ -340,8 +340,7 @@ def stage_costs(database_url: str, prefix: str, body: bytes, repeat: int = 400) 
             )[0]
 
     for _ in range(repeat):
-        raw = timed("parse JSON body", json.loads, body)
-        spec = timed("validate JobSpec", JobSpec.model_validate, raw)
+        spec = timed("validate the body's JSON as a JobSpec", SPECS.validate_json, body)
         document = timed("dump spec (mode=json)", spec.model_dump, mode="json")
         text = timed("canonical JSON", jobs.canonical, document)
         timed("admission (paths, text)", admission.problems, spec, document, root, text)

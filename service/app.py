@@ -101,5 +101,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(routes.submit_router)
     app.include_router(routes.router)
     return app

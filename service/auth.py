@@ -35,7 +35,12 @@ async def current_user(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> str:
-    settings: Settings = request.app.state.settings
+    return authenticate(request.app.state.settings, credentials)
+
+
+def authenticate(settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> str:
+    """The user a request's bearer credentials (``bearer``'s reading of its header) belong to;
+    a 401 that says what is wrong otherwise."""
     if not settings.api_tokens:
         raise unauthorized(
             "no API tokens are configured: the operator must set BYOL_API_TOKENS "

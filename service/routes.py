@@ -1,6 +1,7 @@
 """The HTTP endpoints. SQL work runs in sync ``def`` endpoints (FastAPI's threadpool), except
-creating a job, the one endpoint under load, which hands its write to ``service.intake``; the
-event stream is async because it mostly waits on Redis."""
+creating a job, the one endpoint under load, which hands its write to ``service.intake`` and
+whose request ``service.submit_route`` parses; the event stream is async because it mostly
+waits on Redis."""
 
 from __future__ import annotations
 
@@ -24,12 +25,15 @@ from service.db import Job, Status
 from service.deps import Svc
 from service.events import job_events
 from service.pagination import decode_cursor, encode_cursor
-from service.schemas import ErrorBody, Health, JobDetail, JobEvent, JobPage, Readiness
+from service.schemas import PRINTABLE, ErrorBody, Health, JobDetail, JobEvent, JobPage, Readiness
+from service.submit_route import KEY_RULES, SubmitRoute
 from service.views import job_detail, job_view
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
+# POST /jobs alone: its route parses the request itself (service.submit_route)
+submit_router = APIRouter(route_class=SubmitRoute)
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -41,8 +45,6 @@ NOT_FOUND = {404: _error("No job with this id.")}
 INVALID = {422: _error("A field is invalid; the body names it by dotted path.")}
 DB_DOWN = {503: _error("The database does not answer.")}
 
-# Printable text: NUL and control characters cannot be stored and are never meant.
-PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 UUID_SHAPE = re.compile(r"^[0-9a-fA-F-]{36}$")
 
 
@@ -59,7 +61,7 @@ def find_job(session: Session, job_id: str) -> Job:
     return job
 
 
-@router.post(
+@submit_router.post(
     "/jobs",
     tags=["jobs"],
     summary="Submit a training job",
@@ -87,12 +89,7 @@ async def create_job(
     svc: Svc,
     idempotency_key: Annotated[
         str | None,
-        Header(
-            min_length=1,
-            max_length=200,
-            pattern=PRINTABLE,
-            description="Makes retries safe: one job per key and user.",
-        ),
+        Header(**KEY_RULES, description="Makes retries safe: one job per key and user."),
     ] = None,
 ) -> Response:
     # async, and the write batched with the other requests' (service.intake): no threadpool

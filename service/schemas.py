@@ -13,6 +13,9 @@ from pydantic import BaseModel, Field
 
 from service.db import Status
 
+# Printable text: NUL and control characters cannot be stored and are never meant.
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+
 
 class Progress(BaseModel):
     epoch: int | None = Field(None, description="Last finished epoch (1-based).")

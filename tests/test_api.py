@@ -261,6 +261,49 @@ def test_malformed_bodies_are_4xx_json_never_500(client: TestClient):
 
 
 @pytest.mark.parametrize(
+    ("content_type", "status_code"),
+    [
+        ("application/json", 201),
+        ("application/json; charset=utf-8", 201),
+        ("application/vnd.byol+json", 201),
+        ("text/plain", 422),
+        (None, 422),
+    ],
+)
+def test_the_body_is_json_by_its_content_type(
+    client: TestClient, api_settings: Settings, content_type: str | None, status_code: int
+):
+    headers = auth("alice") | ({"Content-Type": content_type} if content_type else {})
+    content = json.dumps(spec(api_settings)).encode()
+    response = client.post("/jobs", content=content, headers=headers)
+    assert response.status_code == status_code, response.text
+    if status_code == 422:
+        assert response.json()["detail"].startswith("Content-Type must be application/json")
+
+
+def test_a_bad_idempotency_key_is_422_naming_the_header_with_the_body_errors_beside_it(
+    client: TestClient, api_settings: Settings
+):
+    for key in ["", "k" * 201, "tab\there"]:
+        response = submit(client, spec(api_settings), **{"Idempotency-Key": key})
+        assert response.status_code == 422, (key, response.text)
+        assert [(e["location"], e["field"]) for e in response.json()["errors"]] == [
+            ("header", "idempotency-key")
+        ]
+    bad_lr = spec(api_settings, optim={"lr": -1})
+    both = submit(client, bad_lr, **{"Idempotency-Key": "k" * 201})
+    assert [e["field"] for e in both.json()["errors"]] == ["idempotency-key", "optim.lr"]
+    assert submit(client, spec(api_settings), **{"Idempotency-Key": "k" * 200}).status_code == 201
+
+
+def test_without_a_valid_token_the_body_is_not_even_read(client: TestClient):
+    response = client.post(
+        "/jobs", content=b'{"epochs": ', headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 401
+
+
+@pytest.mark.parametrize(
     "fields",
     [
         {"data": {"root": "../../etc"}},
@@ -641,6 +684,11 @@ def test_openapi_documents_every_operation(client: TestClient):
         "409",
     }
     assert operations["POST", "/jobs"]["security"] == [{"HTTPBearer": []}]
+    # service.submit_route parses POST /jobs itself; the document still comes from its signature
+    (key,) = operations["POST", "/jobs"]["parameters"]
+    assert (key["name"], key["in"], key["required"]) == ("idempotency-key", "header", False)
+    declared = next(s for s in key["schema"]["anyOf"] if s.get("type") == "string")
+    assert (declared["minLength"], declared["maxLength"]) == (1, 200)
     body = operations["POST", "/jobs"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["oneOf"] == [
         {"$ref": "#/components/schemas/JobSpec"},
