@@ -10,9 +10,9 @@ arithmetic costs. It is the same sum, accumulated in fp32 by the matrix multiply
 convolution, so the results agree within rounding.
 
 ``SmallMapConv2d`` takes that route for the weight gradient when the output has at most
-``WEIGHT_GRAD_MAX_POSITIONS`` positions, and for the forward at most ``FORWARD_MAX_POSITIONS``
-(where it measured faster too); every other case, and every device but the CPU, is torch's own
-convolution. The input gradient always is.
+``WEIGHT_GRAD_MAX_POSITIONS`` positions, for the forward at most ``FORWARD_MAX_POSITIONS`` and
+for the input gradient at most ``INPUT_GRAD_MAX_POSITIONS`` (where each measured faster too);
+every other case, and every device but the CPU, is torch's own convolution.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from torch import nn
 # forward is as fast or faster, and at 4x4 so is its weight gradient).
 WEIGHT_GRAD_MAX_POSITIONS = 9
 FORWARD_MAX_POSITIONS = 4
+# The input gradient through 2x2 (bf16 on AMX: 512 -> 512 4.5x, 256 -> 512 strided 1.3x; fp32
+# 2.6-2.8x); at 3x3 it gained for 512 output channels and lost for 256 (0.7x), so it stops here.
+INPUT_GRAD_MAX_POSITIONS = 4
 
 
 def _output_positions(size: tuple[int, int], kernel, stride, padding, dilation) -> tuple[int, int]:
@@ -63,6 +66,30 @@ def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
 
+def _grad_input(
+    grad_y: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride, padding, dilation
+) -> torch.Tensor:
+    """The input gradient as one product of the output gradient with the weight's matrix (the
+    gradient of every row ``_im2col_rows`` gathered) and their scatter back onto the padded
+    input (col2im), summed in fp32 as oneDNN sums it."""
+    n, c, h, w = x.shape
+    out_c, _, kh, kw = weight.shape
+    ho, wo = grad_y.shape[2:]
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    rows = grad_y.permute(0, 2, 3, 1).reshape(-1, out_c) @ _weight_matrix(weight)
+    rows = rows.view(n, ho, wo, kh, kw, c)
+    padded = torch.zeros(n, h + 2 * ph, w + 2 * pw, c, dtype=torch.float32, device=x.device)
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * dh, j * dw
+            hit = padded[
+                :, top : top + sh * (ho - 1) + 1 : sh, left : left + sw * (wo - 1) + 1 : sw
+            ]
+            hit += rows[:, :, :, i, j]
+    # NHWC seen as NCHW: channels_last, the layout torch's convolution gives back
+    return padded[:, ph : ph + h, pw : pw + w].permute(0, 3, 1, 2).to(x.dtype)
+
+
 class _SmallMapConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation):
@@ -87,7 +114,12 @@ class _SmallMapConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, has_bias = ctx.conv
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
+        if (
+            ctx.needs_input_grad[0]
+            and grad_y.shape[2] * grad_y.shape[3] <= INPUT_GRAD_MAX_POSITIONS
+        ):
+            grad_x = _grad_input(grad_y, weight, x, stride, padding, dilation)
+        elif ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
                 grad_y, x, weight, None, stride, padding, dilation, False, [0, 0], 1,
                 [True, False, False],

@@ -64,6 +64,15 @@ def test_gradients_are_exact_in_float64() -> None:
         torch.autograd.gradcheck(
             lambda x, w, b, s=stride: _SmallMapConv.apply(x, w, b, s, (1, 1), (1, 1)), (x, w, b)
         )
+    # 2x2 outputs, where the input gradient is a product too: dilated, and unevenly strided
+    x2 = torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(
+        lambda x, w, b: _SmallMapConv.apply(x, w, b, (1, 1), (2, 2), (2, 2)), (x2, w, b)
+    )
+    x3 = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(
+        lambda x, w, b: _SmallMapConv.apply(x, w, b, (2, 1), (0, 1), (1, 1)), (x3, w, b)
+    )
 
 
 def test_bf16_autocast_matches_conv2d_within_bf16_rounding() -> None:
