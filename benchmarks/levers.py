@@ -161,9 +161,12 @@ def compiled_augment(repeats: int) -> dict[str, float]:
 
 
 # (in channels, out channels, input side, stride): ResNet-18's last stage at 64 px (2x2 out) and
-# 96 px (3x3 out), and its 4x4 maps (128 px), where torch's convolution is kept.
-SMALL_MAP_SHAPES = ((512, 512, 2, 1), (256, 512, 4, 2), (512, 512, 3, 1), (256, 512, 6, 2),
-                    (512, 512, 4, 1))  # fmt: skip
+# 96 px (3x3 out), its third stage at 64 px (4x4 out), and 8x8 maps, where torch's convolution
+# is kept throughout.
+SMALL_MAP_SHAPES = (
+    (512, 512, 2, 1), (256, 512, 4, 2), (512, 512, 3, 1), (256, 512, 6, 2),
+    (256, 256, 4, 1), (128, 256, 8, 2), (512, 512, 4, 1), (128, 128, 8, 1),
+)  # fmt: skip
 
 
 def small_map_key(precision: str, shape: tuple[int, int, int, int], impl: str) -> str:

@@ -146,7 +146,7 @@ ROWS = {
     "ours fp32 no channels_last": "levers off: ours in fp32 without channels_last",
     "ours + host sync": "lever off: ours reading loss and diagnostics with .item() every step",
     "ours one pass": "lever: ours with both views in one pass (per-view BN, `view_bn`)",
-    "ours no small maps": "lever off: ours with torch's convolution on 2x2/3x3 maps too",
+    "ours no small maps": "lever off: ours with torch's convolution on small maps (up to 4x4) too",
     "lightly bf16": "lightly's step under the same bf16 autocast + channels_last (not as shipped)",
     "augment": "(not in a step) our augmentation of both views of the 64 uint8 images",
 }

@@ -6,12 +6,14 @@ and only ever states numbers that this run measured.
 
 from __future__ import annotations
 
+import torch
+
 from benchmarks.augmentation import SHARE_TARGET, SPEEDUP_TARGET, AugmentResult
 from benchmarks.epoch import EpochResult, breakdown
 from benchmarks.levers import SMALL_MAP_SHAPES, small_map_key
 from benchmarks.step import BOUND_TARGET, TARGETS, StepResult
 from byol_core.runtime import cpu_bf16_kind
-from byol_core.small_map_conv import FORWARD_MAX_POSITIONS, WEIGHT_GRAD_MAX_POSITIONS
+from byol_core.small_map_conv import LIMITS
 
 
 def _verdict(ok: bool) -> str:
@@ -156,13 +158,15 @@ def _small_maps(lever_ms: dict[str, float]) -> str | None:
                 f"| {plain:.2f} | {ours:.2f} | {plain / ours:.2f}x |"
             )
     table = "\n".join(rows)
+    bf16, fp32 = LIMITS[torch.bfloat16], LIMITS[torch.float32]
     return f"""
 ### Small feature maps
 
 One 3x3 convolution, forward + backward (input and weight gradients), on 64 images in
-channels_last: torch's `nn.Conv2d` against `SmallMapConv2d`, which computes the weight gradient
-as one product with the unfolded input when the output has at most
-{WEIGHT_GRAD_MAX_POSITIONS} positions, and the forward too at most {FORWARD_MAX_POSITIONS}.
+channels_last: torch's `nn.Conv2d` against `SmallMapConv2d`, which computes each part as one
+matrix product with the input unfolded in channels_last order when the output has at most so
+many positions: the forward {bf16.forward}, the weight gradient {bf16.weight_grad} in bf16
+and {fp32.weight_grad} in fp32, the input gradient {bf16.input_grad} (with a col2im scatter).
 Median ms of interleaved repeats (`python -m benchmarks.levers`).
 
 | precision | convolution | output | torch ms | ours ms | torch / ours |
@@ -214,10 +218,11 @@ def levers_section(
             lines.append(
                 f"- **small feature maps as matrix products** (`SmallMapConv2d`, "
                 f"{_kept(plain > ours)}; default on the CPU): "
-                f"{without}. At 64 px the last "
-                "stage works on 2x2 maps of 512 channels, where oneDNN's weight-gradient kernel "
-                "runs at a fraction of the matrix-multiply rate; there the weight gradient (and "
-                "at 2x2 the forward) is one product with the unfolded input (section "
+                f"{without}. At 64 px the last two "
+                "stages work on 2x2 maps of 512 channels and 4x4 maps of 256, where oneDNN's "
+                "kernels (the weight gradient most) run at a fraction of the matrix-multiply "
+                "rate; there the forward, the weight gradient and on 2x2 the input gradient are "
+                "each one product with the input unfolded in channels_last order (section "
                 '"Small feature maps" below). The supervised bound uses the same encoder, so it '
                 "gains as much."
             )

@@ -9,26 +9,41 @@ larger than the input itself (every position touches the padding), so the produc
 arithmetic costs. It is the same sum, accumulated in fp32 by the matrix multiply as by the
 convolution, so the results agree within rounding.
 
-``SmallMapConv2d`` takes that route for the weight gradient when the output has at most
-``WEIGHT_GRAD_MAX_POSITIONS`` positions, for the forward at most ``FORWARD_MAX_POSITIONS`` and
-for the input gradient at most ``INPUT_GRAD_MAX_POSITIONS`` (where each measured faster too);
-every other case, and every device but the CPU, is torch's own convolution.
+``SmallMapConv2d`` takes that route for the forward, the weight gradient and the input
+gradient each up to the output size where it measured faster (``LIMITS``, by precision); every
+other case, and every device but the CPU, is torch's own convolution.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Output positions (H x W) up to which the product measured faster on the CPU, in bf16 and fp32:
-# the weight gradient through 3x3 maps, the forward through 2x2 (at 3x3 and 4x4 oneDNN's own
-# forward is as fast or faster, and at 4x4 so is its weight gradient).
-WEIGHT_GRAD_MAX_POSITIONS = 9
-FORWARD_MAX_POSITIONS = 4
-# The input gradient through 2x2 (bf16 on AMX: 512 -> 512 4.5x, 256 -> 512 strided 1.3x; fp32
-# 2.6-2.8x); at 3x3 it gained for 512 output channels and lost for 256 (0.7x), so it stops here.
-INPUT_GRAD_MAX_POSITIONS = 4
+
+@dataclass(frozen=True)
+class Limits:
+    """Output positions (H x W) up to which each part is a product: where it measured faster
+    than oneDNN on this project's CPUs (2026-12-04, AMX; docs/benchmarks.md "Small feature
+    maps"), 64 images of 64-512 channels."""
+
+    forward: int
+    weight_grad: int
+    input_grad: int
+
+
+# Forward through 3x3 (bf16 1.0-2.0x, fp32 1.2-1.8x; at 4x4 0.9x below 512 channels). Weight
+# gradient in bf16 through 4x4 (2.1-5x; at 8x8 0.9x), in fp32 through 3x3 (1.1-1.9x; at 4x4
+# 0.9-1.1x). Input gradient through 2x2 (bf16 1.3-4.5x, fp32 2.6-2.8x; at 3x3 it gained for
+# 512 output channels and lost for 256, 0.7x).
+LIMITS = {torch.bfloat16: Limits(9, 16, 4), torch.float32: Limits(9, 9, 4)}
+MAX_POSITIONS = max(max(vars(limits).values()) for limits in LIMITS.values())
+
+
+def _limits(dtype: torch.dtype) -> Limits:
+    return LIMITS.get(dtype, LIMITS[torch.float32])
 
 
 def _output_positions(size: tuple[int, int], kernel, stride, padding, dilation) -> tuple[int, int]:
@@ -96,7 +111,7 @@ class _SmallMapConv(torch.autograd.Function):
         n = x.shape[0]
         out_c, _, kh, kw = weight.shape
         ho, wo = _output_positions(x.shape[2:], (kh, kw), stride, padding, dilation)
-        if ho * wo <= FORWARD_MAX_POSITIONS:
+        if ho * wo <= _limits(x.dtype).forward:
             rows = _im2col_rows(x, (kh, kw), dilation, padding, stride)
             y = rows @ _weight_matrix(weight).t()
             if bias is not None:
@@ -113,24 +128,26 @@ class _SmallMapConv(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, has_bias = ctx.conv
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        positions = grad_y.shape[2] * grad_y.shape[3]
+        limits = _limits(x.dtype)
+        x_as_product = need_x and positions <= limits.input_grad
+        w_as_product = need_w and positions <= limits.weight_grad
         grad_x = grad_w = grad_b = None
-        if (
-            ctx.needs_input_grad[0]
-            and grad_y.shape[2] * grad_y.shape[3] <= INPUT_GRAD_MAX_POSITIONS
-        ):
-            grad_x = _grad_input(grad_y, weight, x, stride, padding, dilation)
-        elif ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
+        if (need_x and not x_as_product) or (need_w and not w_as_product):
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
                 grad_y, x, weight, None, stride, padding, dilation, False, [0, 0], 1,
-                [True, False, False],
-            )[0]  # fmt: skip
-        if ctx.needs_input_grad[1]:
+                [need_x and not x_as_product, need_w and not w_as_product, False],
+            )  # fmt: skip
+        if x_as_product:
+            grad_x = _grad_input(grad_y, weight, x, stride, padding, dilation)
+        if w_as_product:
             out_c = weight.shape[0]
             rows = _im2col_rows(x, weight.shape[2:], dilation, padding, stride)
             grad_rows = grad_y.permute(0, 2, 3, 1).reshape(-1, out_c)
             # (out, kh, kw, in) seen as (out, in, kh, kw): channels_last, as the weight is
             grad_w = (grad_rows.t() @ rows).view(out_c, *weight.shape[2:], -1).permute(0, 3, 1, 2)
-        if has_bias and ctx.needs_input_grad[2]:
+        if has_bias and need_b:
             grad_b = grad_y.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None
 
@@ -140,7 +157,7 @@ class SmallMapConv2d(nn.Conv2d):
     docstring). Same parameters and state dict as ``nn.Conv2d``. ``max_positions = 0`` on an
     instance makes it torch's convolution throughout (the benchmark's lever-off row)."""
 
-    max_positions = WEIGHT_GRAD_MAX_POSITIONS
+    max_positions = MAX_POSITIONS
 
     def _conv_forward(
         self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None

@@ -32,10 +32,11 @@ def _run(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Ten
 @pytest.mark.parametrize(
     ("size", "stride", "bias", "channels_last"),
     [
-        (2, 1, False, True),  # 2x2 out: forward and weight gradient as products
+        (2, 1, False, True),  # 2x2 out: forward and both gradients as products
         (4, 2, True, False),  # 2x2 out from 4x4, strided, with a bias
-        (3, 1, True, True),  # 3x3 out: weight gradient as a product, oneDNN's forward
+        (3, 1, True, True),  # 3x3 out: forward and weight gradient as products
         (6, 2, False, False),  # 3x3 out from 6x6
+        (4, 1, False, True),  # 4x4 out: in fp32 torch's convolution throughout (bf16 below)
         (5, 1, False, True),  # 5x5 out: torch's convolution throughout
     ],
 )
@@ -46,7 +47,7 @@ def test_matches_conv2d_in_fp32(size: int, stride: int, bias: bool, channels_las
         x = x.contiguous(memory_format=torch.channels_last)
         ref.to(memory_format=torch.channels_last)
         ours.to(memory_format=torch.channels_last)
-    assert ours._small_map(x) == (size in (2, 3, 4, 6))
+    assert ours._small_map(x) == (size != 5)
     y_ref, g_ref = _run(ref, x)
     y, g = _run(ours, x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -75,9 +76,11 @@ def test_gradients_are_exact_in_float64() -> None:
     )
 
 
-def test_bf16_autocast_matches_conv2d_within_bf16_rounding() -> None:
+# 2x2: every part a product; 3x3: the forward and the weight gradient; 4x4: the weight gradient
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_bf16_autocast_matches_conv2d_within_bf16_rounding(size: int) -> None:
     ref, ours = _pair(64, 64, 1, False)
-    x = torch.randn(8, 64, 2, 2).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(8, 64, size, size).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_ref, g_ref = _run(ref, x)
         y, g = _run(ours, x)
