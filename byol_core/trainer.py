@@ -32,6 +32,7 @@ from byol_core.optim import build_optimizer, set_lr
 from byol_core.plots import plot_history
 from byol_core.runtime import Runtime, keep_heap, resolve_runtime
 from byol_core.schedules import learning_rate, scaled_lr, target_decay
+from byol_core.small_map_conv import cast_once
 from byol_core.spec import JobSpec
 from byol_core.sync_bn import convert_sync_batchnorm
 
@@ -79,7 +80,8 @@ def train_step(
     ``online`` may be a DDP wrapper; the EMA update of the target is the caller's, after this.
     """
     views = [runtime.to_input(v) for v in views]
-    with runtime.autocast():
+    # cast_once: the weights do not change until optimizer.step() below
+    with runtime.autocast(), cast_once():
         z, p = online(views)
         z_target = target(views)
         loss = loss_fn(p, z_target)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from byol_core.networks import WSConv2d, build_encoder
-from byol_core.small_map_conv import SmallMapConv2d, _SmallMapConv, small_map_convs
+from byol_core.small_map_conv import SmallMapConv2d, _SmallMapConv, cast_once, small_map_convs
 from byol_core.spec import EncoderSpec
 
 
@@ -114,3 +114,27 @@ def test_conversion_keeps_the_weights_and_draws_no_random_numbers() -> None:
     assert isinstance(net[0], SmallMapConv2d) and isinstance(net[2][0], SmallMapConv2d)
     for got, want in zip(net.parameters(), before, strict=True):
         assert torch.equal(got, want)
+
+
+def test_cast_once_shares_a_weight_cast_within_and_sees_changes_after() -> None:
+    torch.manual_seed(0)
+    conv = SmallMapConv2d(16, 16, 3, 1, 1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, 2, 2).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16), cast_once():
+        with torch.no_grad():
+            conv(x)  # a cast without grad, which the uses below must not take
+        y1, y2 = conv(x), conv(x)
+    (y1.float().sum() + y2.float().sum()).backward()
+    assert torch.equal(y1, y2)
+    once = conv.weight.grad.clone()
+    conv.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    (2 * y.float().sum()).backward()
+    torch.testing.assert_close(once, conv.weight.grad, rtol=2e-2, atol=2e-2)
+    # a new region casts the weight as it is now
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), cast_once():
+        doubled = conv(x)
+    torch.testing.assert_close(doubled.float(), 2 * y1.float(), rtol=2e-2, atol=2e-2)
