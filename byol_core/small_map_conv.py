@@ -174,6 +174,22 @@ def cast_once() -> Iterator[None]:
         _casts.reset(token)
 
 
+class _Cast(torch.autograd.Function):
+    """``weight.to(dtype)`` whose gradient comes back laid out exactly as the weight. Summed over
+    several uses of one cast, autograd lays the gradient of a 1x1 kernel out contiguously (its
+    channels_last strides are ambiguous), which DDP flags against its buckets and copies."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.layout = (weight.shape, weight.stride(), weight.dtype, weight.device)
+        return weight.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        shape, stride, dtype, device = ctx.layout
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device).copy_(grad), None
+
+
 def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     cache = _casts.get()
     if cache is None:
@@ -183,7 +199,7 @@ def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     key = (id(weight), dtype, torch.is_grad_enabled())
     hit = cache.get(key)
     if hit is None:
-        hit = cache[key] = (weight, weight.to(dtype))
+        hit = cache[key] = (weight, _Cast.apply(weight, dtype))
     return hit[1]
 
 

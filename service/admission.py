@@ -31,12 +31,15 @@ def inside(path: str, root: Path) -> bool:
     of POST /jobs's admission time under load."""
     try:
         candidate = os.path.realpath(os.path.expanduser(path))
+    except (OSError, ValueError):  # unresolvable, or a NUL byte: not provably inside
+        return False
+    try:
         os.stat(candidate)  # realpath leaves a symlink loop unresolved; stat reports it
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            return False  # a symlink loop: not provably inside, so refused
+            return False
     except ValueError:
-        return False  # a NUL byte
+        return False
     prefix = os.path.join(root, "")  # "/data/" for "/data", "/" for "/"
     return candidate == str(root) or candidate.startswith(prefix)
 

@@ -336,6 +336,13 @@ def test_symlink_out_of_the_data_root_is_422_and_paths_inside_are_accepted(
     response = submit(client, spec(api_settings, data=escaping))
     assert response.status_code == 422
     assert response.json()["errors"][0]["field"] == "data.path"
+    # a symlink loop inside the root resolves nowhere: refused, not passed on to a worker
+    loop = root / f"loop-{uuid.uuid4().hex[:8]}"
+    loop.symlink_to(loop)
+    looping = {"name": "imagefolder", "path": str(loop / "train")}
+    response = submit(client, spec(api_settings, data=looping))
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["field"] == "data.path"
 
 
 def test_text_postgres_cannot_store_is_422_not_500(client: TestClient, api_settings: Settings):

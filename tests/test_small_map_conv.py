@@ -138,3 +138,14 @@ def test_cast_once_shares_a_weight_cast_within_and_sees_changes_after() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16), cast_once():
         doubled = conv(x)
     torch.testing.assert_close(doubled.float(), 2 * y1.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_shared_cast_gives_the_gradient_the_weights_layout_even_for_1x1_kernels() -> None:
+    # DDP's buckets take the parameter's strides; a 1x1 kernel's are ambiguous, and a gradient
+    # summed over two uses came back contiguous instead (DDP warned and copied)
+    conv = SmallMapConv2d(16, 32, 1, 2, 0, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16), cast_once():
+        y = conv(x).float().sum() + conv(x.flip(0)).float().sum()
+    y.backward()
+    assert conv.weight.grad.stride() == conv.weight.stride() == (16, 1, 16, 16)
