@@ -30,7 +30,8 @@ from torch import nn
 class Limits:
     """Output positions (H x W) up to which each part is a product: where it measured faster
     than oneDNN on this project's CPUs (2026-12-04, AMX; docs/benchmarks.md "Small feature
-    maps"), 64 images of 64-512 channels."""
+    maps"), 64 images of 64-512 channels. Each part they route through a product also gained
+    in bf16 on an AVX512-BF16 CPU without AMX (docs/benchmarks.md, "The runs compared")."""
 
     forward: int
     weight_grad: int

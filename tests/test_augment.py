@@ -275,6 +275,25 @@ def test_blur_matches_torchvision(method: str) -> None:
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("picked", [[], [1, 3, 4], [0, 1, 2, 3, 4, 5]])
+def test_blurring_only_the_selected_images_on_cpu_is_exact(picked: list[int]) -> None:
+    """The CPU path filters only the selected images; every other device filters all of them
+    with unit impulses for the others. Both must give the same batch, bit for bit."""
+    x = unit(uint8_images(6, 24, seed=3))
+    selected = torch.zeros(6, dtype=torch.bool)
+    selected[picked] = True
+    kernels = A.gaussian_kernels(torch.linspace(0.3, 2.0, 6), 13)
+    impulse = torch.zeros_like(kernels)
+    impulse[:, 6] = 1.0
+    kernels = torch.where(selected.unsqueeze(1), kernels, impulse)
+    everyone = A.gaussian_blur(x, kernels)
+    out = A._blur_selected_(x.clone(), kernels, selected)
+    assert torch.equal(out[~selected], x[~selected])
+    assert torch.equal(out, everyone)
+    if picked:
+        assert not torch.equal(out[selected], x[selected])
+
+
 def test_blur_kernel_size() -> None:
     assert A.blur_kernel_size(2.0, 96) == 13
     assert A.blur_kernel_size(2.0, 10) == 9
