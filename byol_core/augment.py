@@ -543,7 +543,8 @@ class ViewAugment:
         kernels = None
         if self.blur_p > 0:
             kernels = gaussian_kernels(params.sigma, self.kernel_size)
-            # Unblurred images get a unit impulse: exact, and no data-dependent indexing.
+            # Unblurred images get a unit impulse, which is exact: a device filters the whole
+            # batch without data-dependent indexing (the CPU only the drawn images).
             impulse = torch.zeros_like(kernels)
             impulse[:, self.kernel_size // 2] = 1.0
             kernels = torch.where(params.blur.unsqueeze(1), kernels, impulse)
