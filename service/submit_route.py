@@ -30,6 +30,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from byol_core.sweep import AnySpec
 from service.auth import authenticate, bearer
+from service.deps import services
 from service.schemas import PRINTABLE
 
 KEY_HEADER = "idempotency-key"
@@ -104,7 +105,7 @@ class SubmitRoute(APIRoute):
             body, body_errors = await read_spec(request)
             if key_errors or body_errors:
                 raise RequestValidationError([*key_errors, *body_errors])
-            svc = request.app.state.services
+            svc = await services(request)
             return await endpoint(spec=body, user=user, svc=svc, idempotency_key=key)
 
         return handle
