@@ -14,7 +14,7 @@ from sqlalchemy import Engine, event, func, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from service import jobs
-from service.db import Job, make_engine, make_sessions, migrate
+from service.db import Job, as_utc, make_engine, make_sessions, migrate
 from service.intake import Intake
 from service.queue import Queue
 
@@ -87,6 +87,62 @@ def test_concurrent_creations_share_inserts_and_each_gets_its_own_job(engine, qu
     assert all(job.status == "queued" and job.owner == "alice" for job in stored)
     dispatched = [fields["job"] for _, fields in queue.redis.xrange(queue.stream)]
     assert sorted(dispatched) == sorted(job.id for job, _ in outcomes)
+
+
+def test_a_stored_row_is_the_job_the_request_was_answered_with(engine):
+    tag = secrets.token_hex(4)
+    document = {
+        "name": f"intake-{tag}-row",
+        "epochs": 2,
+        "optim": {"lr": 0.2, "tau": 0.99609375, "decay": 1e-6, "steps": None},
+        "note": 'crème brûlée "quoted" \\ 𝛕',  # non-ASCII, escapes, beyond the BMP
+        "grid": [1, [2.5, True], {"z": "last", "a": "first"}],
+    }
+    news = [
+        jobs.NewJob(document, "alice", f"{tag}-row"),
+        jobs.NewJob(spec(f"intake-{tag}-nokey"), "bob"),  # no idempotency key: NULL
+    ]
+    with make_sessions(engine)() as session:
+        outcomes = jobs.create_jobs(session, news, max_attempts=5)
+    columns = [c.key for c in Job.__table__.columns]
+    for (answered, created), new in zip(outcomes, news, strict=True):
+        assert created
+        with make_sessions(engine)() as session:
+            stored = jobs.get_job(session, answered.id)
+            assert stored is not None
+            for column in columns:
+                if column == "seq":
+                    continue
+                mine, theirs = getattr(answered, column), getattr(stored, column)
+                if column.endswith("_at") and theirs is not None:
+                    theirs = as_utc(theirs)
+                assert mine == theirs, column
+        assert stored.spec == new.spec and list(stored.spec) == list(new.spec)
+        assert (stored.status, stored.attempts, stored.max_attempts) == ("queued", 0, 5)
+        assert stored.cancel_requested is False and stored.idempotency_key == new.idempotency_key
+
+
+def test_postgresql_writes_every_batch_with_one_statement_text(pg_url, queue):
+    # one text for every batch size: psycopg parses it once and the server prepares it
+    migrate(pg_url)
+    engine = make_engine(pg_url)
+    texts: set[str] = set()
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO JOBS"):
+            texts.add(statement)
+
+    tag = secrets.token_hex(4)
+    try:
+        for size in (1, 3, 16):
+            news = [jobs.NewJob(spec(f"intake-{tag}-{size}-{i}"), "alice") for i in range(size)]
+            with make_sessions(engine)() as session:
+                outcomes = jobs.create_jobs(session, news, max_attempts=3)
+            assert [job.name for job, _ in outcomes] == [n.spec["name"] for n in news]
+    finally:
+        engine.dispose()
+    assert len(texts) == 1, texts
 
 
 def test_one_key_twice_in_a_batch_is_one_job_and_another_spec_under_it_a_conflict(engine, queue):
