@@ -252,11 +252,17 @@ def split_key(key: str) -> list[str]:
 
 
 def expand(config: dict[str, Any]) -> dict[str, Any]:
-    """A trial's config with every joint key (``variant,seed``) split into its fields."""
+    """A trial's config with every joint key (``variant,seed``) split into its fields. Raises
+    SpecError for a joint key whose value is not one value per field."""
     out: dict[str, Any] = {}
     for key, value in config.items():
         fields = split_key(key)
-        out.update(zip(fields, value, strict=True) if len(fields) > 1 else {key: value})
+        if len(fields) == 1:
+            out[key] = value
+        elif isinstance(value, list | tuple) and len(value) == len(fields):
+            out.update(zip(fields, value, strict=True))
+        else:
+            raise SpecError(f"{key} takes {len(fields)} values at once, got {value!r}")
     return out
 
 
