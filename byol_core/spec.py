@@ -18,7 +18,9 @@ PositiveInt = Annotated[int, Field(gt=0)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity in any number: none is a setting, and JSON (the API, MLflow, the
+    # job store) has no spelling for them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataSpec(Section):

@@ -6,13 +6,16 @@ the workers must share it (or the operator sets an absolute BYOL_DATA_ROOT and s
 absolute paths). ``~`` is expanded and symlinks are followed: a link inside the root that leads
 outside it is refused.
 
-Text must also be storable: PostgreSQL refuses NUL characters, and JSON may carry lone UTF-16
-surrogates that cannot be encoded; either would otherwise fail at INSERT time as a 500.
+Every value must also be storable: PostgreSQL refuses NUL characters and JSON's NaN and
+Infinity, and JSON may carry lone UTF-16 surrogates that cannot be encoded; each would otherwise
+fail at INSERT time as a 500. (JobSpec refuses non-finite numbers in its own fields; a sweep's
+free-form values get here.)
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,13 +61,15 @@ def paths_outside_root(spec: JobSpec | SweepSpec, root: Path) -> Iterator[tuple[
             yield name, f"must lie inside the data root {root} (got {value!r})"
 
 
-def unstorable_text(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, str]]:
+def unstorable(value: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, str]]:
     if isinstance(value, dict):
         for key, item in value.items():
-            yield from unstorable_text(item, (*path, str(key)))
+            yield from unstorable(item, (*path, str(key)))
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            yield from unstorable_text(item, (*path, str(index)))
+            yield from unstorable(item, (*path, str(index)))
+    elif isinstance(value, float) and not math.isfinite(value):
+        yield ".".join(path), f"must be a finite number (got {value})"
     elif isinstance(value, str):
         if "\x00" in value:
             yield ".".join(path), "must not contain NUL characters"
@@ -80,15 +85,16 @@ def problems(
 ) -> list[tuple[str, str]]:
     """(dotted field, message) for each refusal; ``document`` is the spec as it is stored,
     ``canonical`` its ``jobs.canonical`` JSON, ``root`` the resolved data root."""
-    found = [] if storable(canonical) else list(unstorable_text(document))
+    found = [] if storable(canonical) else list(unstorable(document))
     if not found:
         found = list(paths_outside_root(spec, root))
     return found
 
 
 def storable(canonical: str) -> bool:
-    """Whether every text of a spec can be stored, judged from its canonical JSON: that is
+    """Whether every value of a spec can be stored, judged from its canonical JSON: that is
     ASCII, so it writes NUL as the escape u0000 and any character beyond the BMP, a lone
-    surrogate included, with d800-dfff escapes. Without either there is nothing to refuse, and
-    a spec with one (an emoji, say) is walked by ``unstorable_text`` to find out."""
-    return "\\u0000" not in canonical and "\\ud" not in canonical
+    surrogate included, with d800-dfff escapes, and a non-finite number as a bare NaN or
+    Infinity. Without any of these there is nothing to refuse, and a spec with one (an emoji
+    or the text "NaN", say) is walked by ``unstorable`` to find out."""
+    return not any(mark in canonical for mark in ("\\u0000", "\\ud", "NaN", "Infinity"))

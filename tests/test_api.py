@@ -22,7 +22,7 @@ from sqlalchemy.orm import sessionmaker
 
 from byol_core.errors import ByolError
 from byol_core.presets import deep_merge
-from service import jobs
+from service import admission, jobs
 from service.app import create_app
 from service.client import ApiClient, ApiError, ApiUnreachable
 from service.db import Job, Status, make_engine, make_sessions
@@ -349,6 +349,48 @@ def test_text_postgres_cannot_store_is_422_not_500(client: TestClient, api_setti
     response = submit(client, spec(api_settings, name="bad\x00name"))
     assert response.status_code == 422
     assert response.json()["errors"][0]["field"] == "name"
+
+
+def post_raw(client: TestClient, body: dict[str, Any], *tokens: tuple[str, str]):
+    """POST a body with JSON's non-standard tokens (NaN, Infinity) swapped in for the
+    placeholders, as a hand-written or non-Python client can send them."""
+    text = json.dumps(body)
+    for placeholder, token in tokens:
+        text = text.replace(json.dumps(placeholder), token)
+    headers = {**auth("alice"), "Content-Type": "application/json"}
+    return client.post("/jobs", content=text, headers=headers)
+
+
+@pytest.mark.parametrize("token", ["Infinity", "-Infinity", "NaN"])
+def test_a_non_finite_number_is_422_naming_its_field(
+    client: TestClient, api_settings: Settings, token: str
+):
+    # PostgreSQL's JSON has no NaN or Infinity: these were a 500 at INSERT time
+    train = post_raw(client, spec(api_settings, optim={"lr": "@x"}), ("@x", token))
+    assert train.status_code == 422, train.text
+    assert train.json()["errors"][0]["field"] == "optim.lr"
+    values = {"optim.lr": {"type": "grid", "values": [0.1, "@x"]}}
+    search = post_raw(client, sweep(api_settings, space=values), ("@x", token))
+    assert search.status_code == 422, search.text
+    assert search.json()["errors"][0]["field"].startswith("space.optim.lr")
+
+
+def test_the_words_nan_and_infinity_as_text_are_stored(client: TestClient, api_settings):
+    named = spec(api_settings, name=f"NaN-Infinity-{uuid.uuid4().hex[:8]}")
+    response = submit(client, named)
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == named["name"]
+
+
+def test_admission_finds_a_non_finite_number_anywhere_in_the_stored_spec():
+    document = {"name": "x", "space": {"k": {"values": [1.0, [2.0, float("inf")]]}}}
+    canonical = jobs.canonical(document)
+    assert not admission.storable(canonical)
+    assert list(admission.unstorable(document)) == [
+        ("space.k.values.1.1", "must be a finite number (got inf)")
+    ]
+    assert admission.storable(jobs.canonical({"name": "NaN", "lr": 0.1})) is False  # walked
+    assert list(admission.unstorable({"name": "NaN", "lr": 0.1})) == []
 
 
 def test_oversized_body_is_413_whether_declared_or_streamed(

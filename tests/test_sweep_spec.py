@@ -93,6 +93,33 @@ def test_asha_needs_an_evaluation_every_epoch_and_room_to_stop():
         sweep(space, scheduler={"type": "asha", "reduction_factor": 1})
 
 
+@pytest.mark.parametrize(
+    "domain",
+    [
+        {"type": "uniform", "low": 0.1, "high": 1},
+        {"type": "grid", "values": [["byol", 0], "byol"]},
+        {"type": "choice", "values": [["byol", 0, 1]]},
+    ],
+)
+def test_fields_searched_together_without_a_value_each_are_refused_under_a_scheduler(domain):
+    # the scheduler's checks look at every probe's spec; a probe that is not one value per
+    # field was a TypeError there (a 500 from the API, found by schemathesis)
+    found = errors({"variant,seed": domain}, scheduler={"type": "asha", "grace_period": 1})
+    assert list(found) == [("space", "variant,seed")]
+    assert (
+        "one value per field" in found[("space", "variant,seed")]
+        or "list of 2" in found[("space", "variant,seed")]
+    )
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_a_non_finite_number_in_a_spec_is_refused_naming_its_field(value):
+    with pytest.raises(SpecError, match=r"^optim\.lr: Input should be a finite number"):
+        resolve_spec(overrides=[f"optim.lr={value}"])
+    with pytest.raises(SpecError, match=r"^ema\.tau: Input should be a finite number"):
+        resolve_spec(overrides=[f"ema.tau={value}"])  # a Fraction: NaN passed its bounds
+
+
 def test_a_preset_grid_resolves_each_trial_through_the_presets():
     """The study's reproduction: variants × seeds, keeping what the base set itself."""
     base = resolve_spec({"epochs": 3, "optim": {"lr": 0.1}}, base="cpu", variant="byol")
