@@ -8,8 +8,8 @@ outside it is refused.
 
 Every value must also be storable: PostgreSQL refuses NUL characters and JSON's NaN and
 Infinity, and JSON may carry lone UTF-16 surrogates that cannot be encoded; each would otherwise
-fail at INSERT time as a 500. (JobSpec refuses non-finite numbers in its own fields; a sweep's
-free-form values get here.)
+fail at INSERT time as a 500. (JobSpec, and a sweep's checks of its values against it, refuse
+non-finite numbers first; this is the last look before the INSERT.)
 """
 
 from __future__ import annotations
