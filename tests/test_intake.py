@@ -122,7 +122,7 @@ def test_a_stored_row_is_the_job_the_request_was_answered_with(engine):
         assert stored.cancel_requested is False and stored.idempotency_key == new.idempotency_key
 
 
-def test_postgresql_writes_every_batch_with_one_statement_text(pg_url, queue):
+def test_postgresql_writes_every_batch_with_one_statement_text(pg_url):
     # one text for every batch size: psycopg parses it once and the server prepares it
     migrate(pg_url)
     engine = make_engine(pg_url)
