@@ -117,7 +117,7 @@ def test_a_non_finite_number_in_a_spec_is_refused_naming_its_field(value):
     with pytest.raises(SpecError, match=r"^optim\.lr: Input should be a finite number"):
         resolve_spec(overrides=[f"optim.lr={value}"])
     with pytest.raises(SpecError, match=r"^ema\.tau: Input should be a finite number"):
-        resolve_spec(overrides=[f"ema.tau={value}"])  # a Fraction: NaN passed its bounds
+        resolve_spec(overrides=[f"ema.tau={value}"])  # bounded: refused before, as out of range
 
 
 def test_a_preset_grid_resolves_each_trial_through_the_presets():
