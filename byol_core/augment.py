@@ -416,7 +416,8 @@ def gaussian_blur(x: Tensor, kernels: Tensor, method: str = "auto") -> Tensor:
 
 
 def _blur_selected_(x: Tensor, kernels: Tensor, selected: Tensor) -> Tensor:
-    """Blur the ``selected`` images of ``x`` in place; the others keep their values.
+    """``x`` with its ``selected`` images blurred and the others unchanged: ``x`` itself,
+    modified in place, when only some are selected on the CPU; a new tensor otherwise.
 
     On the CPU only the selected images go through the filter (the study blurs half of them,
     and the filter's 2 x 13 passes are the pipeline's costliest op); elsewhere every image
