@@ -148,10 +148,20 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port on 127.0.0.1 that this session has not handed out yet: the kernel can give
+    a port just closed to the next bind, and one Ray node given the same port for two of its
+    components refuses to start (seen once in CI)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass
