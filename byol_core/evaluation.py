@@ -11,6 +11,7 @@ import contextlib
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KNeighborsClassifier
@@ -50,7 +51,7 @@ def embed(
     return torch.cat(feats).numpy()
 
 
-def _percent_correct(model, x: np.ndarray, y: np.ndarray) -> float:
+def _percent_correct(model: BaseEstimator, x: np.ndarray, y: np.ndarray) -> float:
     """Top-1 in % as 100 * correct / n, one rounding: 100 * score() printed 132 right of 1,000
     as 13.200000000000001 in the run's summary."""
     return 100.0 * int(np.count_nonzero(model.predict(x) == y)) / len(y)
