@@ -26,7 +26,7 @@ def summary(step: StepResult | None, aug: AugmentResult | None) -> str:
         for peer, target in TARGETS.items():
             ratio = step.ratio(peer)
             rows.append(
-                (f"step: ours over {peer}", f">= {target}x", f"{ratio:.2f}x", ratio >= target)
+                (f"step: ours over {peer}", f">= {target}x", step.ratio_text(peer), ratio >= target)
             )
         bound = step.seconds["ours"] / step.bound
         rows.append(
@@ -59,6 +59,13 @@ def summary(step: StepResult | None, aug: AugmentResult | None) -> str:
     notes = []
     if step:
         for peer, target in TARGETS.items():
+            if step.straddles(peer, target):
+                lo, hi = step.ratio_range(peer)
+                notes.append(
+                    f"- Over {peer} the repeats of this run fall on both sides of {target}x "
+                    f"({lo:.2f}-{hi:.2f}x): the verdict is this run's median, not settled; "
+                    "compare runs in separate processes before calling it."
+                )
             if step.ratio(peer) >= target:
                 continue
             needed = step.seconds[peer] / target

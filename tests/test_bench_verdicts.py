@@ -1,0 +1,54 @@
+"""The speed report's verdicts on the step targets: medians with the spread of paired repeats.
+
+No timing here: the figures are made up, and what is checked is what the report concludes
+from them.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from benchmarks.step import StepResult, markdown, step_spec
+from benchmarks.verdicts import summary
+from byol_core.runtime import resolve_runtime
+
+
+def result(samples: dict[str, list[float]]) -> StepResult:
+    r = StepResult(len(samples["ours"]), resolve_runtime(step_spec().runtime), samples=samples)
+    r.seconds = {name: statistics.median(v) for name, v in samples.items()}
+    return r
+
+
+def test_ratios_are_paired_per_repeat() -> None:
+    # Repeat 2 ran slow for every row alike: paired, its ratios stay 3x and 2.5x.
+    r = result(
+        {
+            "ours": [0.1, 0.2, 0.1],
+            "byol-pytorch": [0.3, 0.6, 0.3],
+            "lightly": [0.25, 0.5, 0.25],
+            "supervised": [0.08, 0.16, 0.08],
+        }
+    )
+    assert r.ratio_range("byol-pytorch") == pytest.approx((3.0, 3.0))
+    assert r.ratio_range("lightly") == pytest.approx((2.5, 2.5))
+    assert not r.straddles("byol-pytorch", 2.9)
+    assert "3.00x (repeats 3.00-3.00x)" in summary(r, None)
+
+
+def test_a_target_inside_the_spread_is_called_unsettled() -> None:
+    r = result(
+        {
+            "ours": [0.1, 0.1, 0.1],
+            "byol-pytorch": [0.28, 0.31, 0.33],
+            "lightly": [0.25, 0.26, 0.24],
+            "supervised": [0.08, 0.08, 0.08],
+        }
+    )
+    assert r.straddles("byol-pytorch", 3.0)
+    assert not r.straddles("lightly", 2.0)
+    text = summary(r, None)
+    assert "fall on both sides of 3.0x (2.80-3.30x)" in text
+    assert "both sides of 2.0x" not in text
+    assert "the repeats straddle it" in markdown(r)
