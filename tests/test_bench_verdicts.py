@@ -1,4 +1,5 @@
-"""The speed report's verdicts on the step targets: medians with the spread of paired repeats.
+"""The speed report's verdicts on the step targets (medians with the spread of paired repeats)
+and the figure of the runs compared.
 
 No timing here: the figures are made up, and what is checked is what the report concludes
 from them.
@@ -7,9 +8,11 @@ from them.
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import pytest
 
+from benchmarks.plot_runs import plot_runs, read_table
 from benchmarks.step import StepResult, markdown, step_spec
 from benchmarks.verdicts import summary
 from byol_core.runtime import resolve_runtime
@@ -52,3 +55,32 @@ def test_a_target_inside_the_spread_is_called_unsettled() -> None:
     assert "fall on both sides of 3.0x (2.80-3.30x)" in text
     assert "both sides of 2.0x" not in text
     assert "the repeats straddle it" in markdown(r)
+
+
+RUNS_TABLE = """Some prose.
+
+| figure | 2026-11-23, 1 thread | 2026-12-06 18:21, AMX |
+|---|---:|---:|
+| ours over lightly | 2.06x | 2.57x (2.54-2.70x in five more runs) |
+| distributed: global over local BN, as trained | +21.3% | not run |
+
+After the table.
+"""
+
+
+def test_the_runs_table_is_read_with_quoted_ranges_and_gaps() -> None:
+    runs, rows, ranges = read_table(RUNS_TABLE)
+    assert runs == ["2026-11-23, 1 thread", "2026-12-06 18:21, AMX"]
+    assert rows["ours over lightly"] == [2.06, 2.57]
+    assert ranges["ours over lightly"] == [None, (2.54, 2.70)]
+    assert rows["distributed: global over local BN, as trained"] == [21.3, None]
+    with pytest.raises(ValueError, match="has 2 cells for 3 runs"):
+        read_table(RUNS_TABLE.replace("| figure |", "| figure | extra |"))
+
+
+def test_the_runs_figure_is_drawn_from_the_documents_table(tmp_path: Path) -> None:
+    doc = Path(__file__).parents[1] / "docs" / "benchmarks.md"
+    runs, rows, ranges = read_table(doc.read_text())
+    assert len(runs) >= 2 and all(len(v) == len(runs) for v in rows.values())
+    out = plot_runs(runs, rows, ranges, tmp_path / "runs.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
