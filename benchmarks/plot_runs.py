@@ -75,7 +75,7 @@ def plot_runs(
         points = [(x, y) for x, y in zip(xs, rows[label], strict=True) if y is not None]
         line = ax.plot(*zip(*points, strict=True), marker="o", label=legend)[0]
         ax.axhline(target, color=line.get_color(), linestyle="--", linewidth=1, alpha=0.7)
-        for x, span in zip(xs, ranges.get(label, []), strict=False):
+        for x, span in zip(xs, ranges[label], strict=True):
             if span:  # the same figure in other runs that day: a bar beside the point
                 ax.vlines(x + 0.12, *span, color=line.get_color(), linewidth=3, alpha=0.5)
     axes[0].set_title(

@@ -245,11 +245,7 @@ def markdown(r: StepResult) -> str:
         met = "met" if r.ratio(peer) >= target else "**not met**"
         if r.straddles(peer, target):
             met += ", the repeats straddle it"
-        lo, hi = r.ratio_range(peer)
-        verdicts.append(
-            f"- over {peer}: **{r.ratio(peer):.2f}x**, repeats {lo:.2f}-{hi:.2f}x "
-            f"(target >= {target}x: {met})"
-        )
+        verdicts.append(f"- over {peer}: **{r.ratio_text(peer)}** (target >= {target}x: {met})")
     bound_ratio = r.seconds["ours"] / r.bound
     met = "met" if bound_ratio <= BOUND_TARGET else "**not met**"
     verdicts.append(
