@@ -28,6 +28,7 @@ from torch import nn
 
 from benchmarks import peers
 from benchmarks.report import header
+from benchmarks.roofline import MATMUL_SIZE, count_flops, matmul_rate, share_needed
 from byol_core.augment import PairAugment
 from byol_core.ema import ema_update
 from byol_core.losses import BYOLLoss
@@ -127,6 +128,10 @@ class StepResult:
     # Every repeat's time per row, in repeat order: the ratios of one repeat are paired (the
     # rows ran back to back), so their spread shows how settled a median ratio is.
     samples: dict[str, list[float]] = field(default_factory=dict)
+    # Arithmetic of one step per row (FlopCounterMode) and the matrix-product rate (FLOP/s) per
+    # precision, measured in the same process (``benchmarks.roofline``).
+    flops: dict[str, int] = field(default_factory=dict)
+    ceilings: dict[str, float] = field(default_factory=dict)
 
     def images_per_s(self, name: str) -> float:
         return 2 * BATCH / self.seconds[name]
@@ -155,7 +160,27 @@ class StepResult:
         lo, hi = self.ratio_range(peer)
         return lo < target <= hi
 
+    def precision(self, name: str) -> str:
+        """The precision a row's products run in: ours and the bound in the runtime's, the
+        peers as shipped (fp32)."""
+        return "bf16" if name in OURS_RUNTIME and self.runtime.bf16 else "fp32"
 
+    def ceiling_share(self, name: str) -> float:
+        """A row's arithmetic rate as a share of its precision's matrix-product rate."""
+        ceiling = self.ceilings[self.precision(name)]
+        return share_needed(self.flops[name], self.seconds[name], ceiling)
+
+    def target_share(self, peer: str, target: float) -> float:
+        """The share of our precision's matrix-product rate that our step's arithmetic would
+        need for ``target`` x over ``peer``: above 1, no implementation of the same arithmetic
+        meets it on this CPU."""
+        ceiling = self.ceilings[self.precision("ours")]
+        return share_needed(self.flops["ours"], self.seconds[peer] / target, ceiling)
+
+
+# Rows run in our runtime (bf16 autocast where the CPU has it); the peers run as shipped.
+OURS_RUNTIME = ("ours", "supervised")
+COUNTED = ("ours", "lightly", "byol-pytorch", "supervised")
 ROWS = {
     "ours": "ours (defaults)",
     "lightly": "lightly 1.6.0, its documentation's step (fp32)",
@@ -230,6 +255,10 @@ def measure(repeats: int = 10, levers: bool = True) -> StepResult:
             timings[name].append(time.perf_counter() - start)
     result = StepResult(repeats, runtime, samples=timings)
     result.seconds = {k: statistics.median(v) for k, v in timings.items()}
+    result.flops = {name: count_flops(fns[name]) for name in COUNTED}
+    result.ceilings = {"fp32": matmul_rate(torch.float32)}
+    if runtime.bf16:
+        result.ceilings["bf16"] = matmul_rate(torch.bfloat16)
     return result
 
 
@@ -266,6 +295,53 @@ row's time over ours.
 {rows}
 
 {chr(10).join(verdicts)}
+{arithmetic(r)}"""
+
+
+def arithmetic(r: StepResult) -> str:
+    """The roofline paragraph: each counted row's rate against the matrix product's, and the
+    rate each step target would take (empty when the run counted nothing)."""
+    if not r.flops or not r.ceilings:
+        return ""
+    rows = []
+    for name in COUNTED:
+        precision = r.precision(name)
+        rows.append(
+            f"| {ROWS[name]} | {r.flops[name] / 1e9:.1f} | "
+            f"{r.flops[name] / r.seconds[name] / 1e9:.0f} | "
+            f"{100 * r.ceiling_share(name):.0f}% of {precision}'s |"
+        )
+    rates = ", ".join(f"{p} {c / 1e9:.0f} GFLOP/s" for p, c in sorted(r.ceilings.items()))
+    needs = []
+    for peer, target in TARGETS.items():
+        share = r.target_share(peer, target)
+        floor = r.ceiling_share("supervised")
+        verdict = (
+            "more than the matrix product itself does: no implementation of the same "
+            "arithmetic meets it on this CPU"
+            if share > 1
+            else f"above the {100 * floor:.0f}% that the supervised forward + backward of the "
+            "same encoder reaches: only faster convolution kernels than this CPU's would meet it"
+            if share > floor
+            else f"within the {100 * floor:.0f}% that the supervised pass of the same encoder "
+            "reaches"
+        )
+        needs.append(
+            f"- {target}x over {peer} needs our {r.flops['ours'] / 1e9:.1f} GFLOP in "
+            f"{r.seconds[peer] / target * 1e3:.0f} ms: **{100 * share:.0f}%** of the "
+            f"{r.precision('ours')} matrix product's rate, {verdict}."
+        )
+    table = "\n".join(rows)
+    return f"""
+Arithmetic (`benchmarks.roofline`): one step of each row counted with torch's
+`FlopCounterMode` (matrix products and convolutions, forward and backward), against a
+{MATMUL_SIZE} x {MATMUL_SIZE} matrix product measured in the same run ({rates}).
+
+| what | GFLOP a step | GFLOP/s | of the matrix product's rate |
+|---|---:|---:|---:|
+{table}
+
+{chr(10).join(needs)}
 """
 
 

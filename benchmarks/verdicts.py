@@ -82,6 +82,7 @@ def summary(step: StepResult | None, aug: AugmentResult | None) -> str:
                     if needed < step.bound
                     else "Within reach only by closing the remaining gap to the bound."
                 )
+                + _ceiling_note(step, peer, target)
             )
     table = "\n".join(
         f"| {what} | {target} | {got} | {_verdict(ok)} |" for what, target, got, ok in rows
@@ -94,6 +95,19 @@ def summary(step: StepResult | None, aug: AugmentResult | None) -> str:
 
 {chr(10).join(notes)}
 """
+
+
+def _ceiling_note(step: StepResult, peer: str, target: float) -> str:
+    """What the target asks of the CPU's arithmetic (section 1's roofline), if it was counted."""
+    if not step.flops or not step.ceilings:
+        return ""
+    share = step.target_share(peer, target)
+    ours = step.ceiling_share("ours")
+    return (
+        f" That step would run its arithmetic at {100 * share:.0f}% of this CPU's "
+        f"{step.precision('ours')} matrix-product rate, where ours runs at {100 * ours:.0f}% "
+        f"and {peer} at {100 * step.ceiling_share(peer):.0f}% of its own precision's."
+    )
 
 
 def _vs(name: str, other_s: float, ours_s: float) -> str:
