@@ -28,7 +28,7 @@ from torch import nn
 
 from benchmarks import peers
 from benchmarks.report import header
-from benchmarks.roofline import MATMUL_SIZE, count_flops, matmul_rate, share_needed
+from benchmarks.roofline import CONV_SHAPE, MATMUL_SIZE, count_flops, peak_rate, share_needed
 from byol_core.augment import PairAugment
 from byol_core.ema import ema_update
 from byol_core.losses import BYOLLoss
@@ -128,7 +128,7 @@ class StepResult:
     # Every repeat's time per row, in repeat order: the ratios of one repeat are paired (the
     # rows ran back to back), so their spread shows how settled a median ratio is.
     samples: dict[str, list[float]] = field(default_factory=dict)
-    # Arithmetic of one step per row (FlopCounterMode) and the matrix-product rate (FLOP/s) per
+    # Arithmetic of one step per row (FlopCounterMode) and the peak kernel rate (FLOP/s) per
     # precision, measured in the same process (``benchmarks.roofline``).
     flops: dict[str, int] = field(default_factory=dict)
     ceilings: dict[str, float] = field(default_factory=dict)
@@ -166,12 +166,12 @@ class StepResult:
         return "bf16" if name in OURS_RUNTIME and self.runtime.bf16 else "fp32"
 
     def ceiling_share(self, name: str) -> float:
-        """A row's arithmetic rate as a share of its precision's matrix-product rate."""
+        """A row's arithmetic rate as a share of its precision's peak rate."""
         ceiling = self.ceilings[self.precision(name)]
         return share_needed(self.flops[name], self.seconds[name], ceiling)
 
     def target_share(self, peer: str, target: float) -> float:
-        """The share of our precision's matrix-product rate that our step's arithmetic would
+        """The share of our precision's peak rate that our step's arithmetic would
         need for ``target`` x over ``peer``: above 1, no implementation of the same arithmetic
         meets it on this CPU."""
         ceiling = self.ceilings[self.precision("ours")]
@@ -256,9 +256,9 @@ def measure(repeats: int = 10, levers: bool = True) -> StepResult:
     result = StepResult(repeats, runtime, samples=timings)
     result.seconds = {k: statistics.median(v) for k, v in timings.items()}
     result.flops = {name: count_flops(fns[name]) for name in COUNTED}
-    result.ceilings = {"fp32": matmul_rate(torch.float32)}
+    result.ceilings = {"fp32": peak_rate(torch.float32)}
     if runtime.bf16:
-        result.ceilings["bf16"] = matmul_rate(torch.bfloat16)
+        result.ceilings["bf16"] = peak_rate(torch.bfloat16)
     return result
 
 
@@ -299,7 +299,7 @@ row's time over ours.
 
 
 def arithmetic(r: StepResult) -> str:
-    """The roofline paragraph: each counted row's rate against the matrix product's, and the
+    """The roofline paragraph: each counted row's rate against the peak rate, and the
     rate each step target would take (empty when the run counted nothing)."""
     if not r.flops or not r.ceilings:
         return ""
@@ -317,7 +317,7 @@ def arithmetic(r: StepResult) -> str:
         share = r.target_share(peer, target)
         floor = r.ceiling_share("supervised")
         verdict = (
-            "more than the matrix product itself does: no implementation of the same "
+            "more than the CPU's fastest kernels do: no implementation of the same "
             "arithmetic meets it on this CPU"
             if share > 1
             else f"above the {100 * floor:.0f}% that the supervised forward + backward of the "
@@ -329,15 +329,17 @@ def arithmetic(r: StepResult) -> str:
         needs.append(
             f"- {target}x over {peer} needs our {r.flops['ours'] / 1e9:.1f} GFLOP in "
             f"{r.seconds[peer] / target * 1e3:.0f} ms: **{100 * share:.0f}%** of the "
-            f"{r.precision('ours')} matrix product's rate, {verdict}."
+            f"{r.precision('ours')} peak rate, {verdict}."
         )
     table = "\n".join(rows)
     return f"""
 Arithmetic (`benchmarks.roofline`): one step of each row counted with torch's
-`FlopCounterMode` (matrix products and convolutions, forward and backward), against a
-{MATMUL_SIZE} x {MATMUL_SIZE} matrix product measured in the same run ({rates}).
+`FlopCounterMode` (matrix products and convolutions, forward and backward), against the peak
+rate per precision measured in the same run, the faster of a {MATMUL_SIZE} x {MATMUL_SIZE}
+matrix product and a 3x3 convolution ({CONV_SHAPE[1]} channels, {CONV_SHAPE[0]} images of
+{CONV_SHAPE[2]} x {CONV_SHAPE[3]}, channels_last), the fastest of 9 calls each ({rates}).
 
-| what | GFLOP a step | GFLOP/s | of the matrix product's rate |
+| what | GFLOP a step | GFLOP/s | of the peak rate |
 |---|---:|---:|---:|
 {table}
 

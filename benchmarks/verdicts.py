@@ -105,7 +105,7 @@ def _ceiling_note(step: StepResult, peer: str, target: float) -> str:
     ours = step.ceiling_share("ours")
     return (
         f" That step would run its arithmetic at {100 * share:.0f}% of this CPU's "
-        f"{step.precision('ours')} matrix-product rate, where ours runs at {100 * ours:.0f}% "
+        f"{step.precision('ours')} peak rate, where ours runs at {100 * ours:.0f}% "
         f"and {peer} at {100 * step.ceiling_share(peer):.0f}% of its own precision's."
     )
 
