@@ -2,7 +2,7 @@
 
 A step's arithmetic is counted once with torch's ``FlopCounterMode`` (the matrix products and
 convolutions of the forward and backward passes; elementwise work, batch norm and the optimizer
-count nothing). The ceiling is the best rate of the CPU's fastest kernels for that arithmetic in
+count nothing). The ceiling is the rate of the CPU's fastest kernels for that arithmetic in
 the step's precision, a large matrix product and a large 3x3 convolution, measured in the same
 process. A target that asks for a step faster than its arithmetic over that rate cannot be met
 by any implementation of the same arithmetic with these kernels; one that asks for more than
@@ -13,7 +13,6 @@ optimizer state through memory.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -35,27 +34,17 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def _best_rate(fn: Callable[[], object], flops: float, repeats: int) -> float:
-    """``flops`` over the fastest of ``repeats`` calls after two warm-ups: a ceiling is what the
-    CPU did at best, and on a shared VM a median mixes in its neighbours."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return flops / min(times)
+Kernel = tuple[Callable[[], object], int]  # a call and its floating-point operations
 
 
-def peak_rate(
+def peak_kernels(
     dtype: torch.dtype,
-    repeats: int = 9,
     size: int = MATMUL_SIZE,
     conv_shape: tuple[int, int, int, int] = CONV_SHAPE,
-) -> float:
-    """FLOP/s of the faster of a ``size`` x ``size`` matrix product and a 3x3 convolution of
-    ``conv_shape`` (channels_last) in ``dtype`` on the CPU."""
+) -> dict[str, Kernel]:
+    """The ceiling's two kernels in ``dtype``, named, each with its operation count: timed
+    beside a step's rows (interleaved with them), their rates move with the machine's speed
+    as the rows do."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(dtype)
     b = torch.randn(size, size, generator=generator).to(dtype)
@@ -64,12 +53,16 @@ def peak_rate(
     x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(c, c, 3, 3, generator=generator).to(dtype)
     weight = weight.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        product = _best_rate(lambda: torch.mm(a, b), 2 * size**3, repeats)
-        conv = _best_rate(
-            lambda: F.conv2d(x, weight, padding=1), 2 * n * h * w * c * c * 9, repeats
-        )
-    return max(product, conv)
+
+    @torch.no_grad()
+    def product() -> None:
+        torch.mm(a, b)
+
+    @torch.no_grad()
+    def conv() -> None:
+        F.conv2d(x, weight, padding=1)
+
+    return {"product": (product, 2 * size**3), "conv3x3": (conv, 2 * n * h * w * c * c * 9)}
 
 
 def share_needed(flops: float, seconds: float, ceiling: float) -> float:
