@@ -62,6 +62,12 @@ def read_table(text: str) -> tuple[list[str], Table, dict[str, list[tuple[float,
     return runs, rows, ranges
 
 
+def _tick(number: int, run: str) -> str:
+    """A run's column header as a narrow tick label: one line per comma-separated part, and
+    the date apart from the time (ten columns of "2026-12-06 20:59" side by side overlap)."""
+    return re.sub(r"(\d{4}-\d{2}-\d{2}) ", "\\1\n", f"{number}: {run}").replace(", ", "\n")
+
+
 def plot_runs(
     runs: list[str],
     rows: Table,
@@ -82,7 +88,7 @@ def plot_runs(
         "training step: ratios (dashed: targets; bars: other runs that day)", fontsize=10
     )
     axes[1].set_title(f"augmentation over torchvision (target {SPEEDUP_TARGET:.0f}x)", fontsize=10)
-    axes[0].set_xticks(xs, [f"{i + 1}: {r}".replace(", ", "\n") for i, r in enumerate(runs)])
+    axes[0].set_xticks(xs, [_tick(i + 1, run) for i, run in enumerate(runs)])
     axes[0].tick_params(axis="x", labelsize=6)
     axes[1].set_xticks(xs, [str(i + 1) for i in xs])
     axes[1].set_xlabel("run (numbered as on the left)")

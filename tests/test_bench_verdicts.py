@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.plot_runs import plot_runs, read_table
+from benchmarks.plot_runs import _tick, plot_runs, read_table
 from benchmarks.step import StepResult, markdown, step_spec
 from benchmarks.verdicts import summary
 from byol_core.runtime import resolve_runtime
@@ -84,3 +84,10 @@ def test_the_runs_figure_is_drawn_from_the_documents_table(tmp_path: Path) -> No
     assert len(runs) >= 2 and all(len(v) == len(runs) for v in rows.values())
     out = plot_runs(runs, rows, ranges, tmp_path / "runs.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_ticks_put_date_time_and_machine_on_lines_of_their_own() -> None:
+    assert _tick(10, "2026-12-06 20:59, EPYC Zen 4, 2 threads") == (
+        "10: 2026-12-06\n20:59\nEPYC Zen 4\n2 threads"
+    )
+    assert _tick(3, "05:20, 2 threads") == "3: 05:20\n2 threads"
