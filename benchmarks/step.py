@@ -8,7 +8,8 @@ channels_last, foreach EMA and optimizer); the peers run as their documentation 
 (ours, same runtime) on the same 2B images, since a BYOL step is an online forward + backward
 (3 forward-equivalents) plus a target forward (1). Lever rows re-run ours with one default
 switched off. Everything is interleaved in one loop, in a new random order every repeat;
-medians are reported.
+medians are reported. The arithmetic of each step is counted and set against the CPU's peak
+rate, timed in the same loop (``benchmarks.roofline``).
 
     python -m benchmarks.step [--repeats 10]
 """

@@ -58,8 +58,8 @@ def test_the_ceiling_kernels_state_their_own_arithmetic() -> None:
 
 
 def result() -> StepResult:
-    # Ours 0.5 s and byol-pytorch 1.2 s for 150 GFLOP each; the bf16 product does 400
-    # GFLOP/s, fp32 150. 3x needs 150 GFLOP in 0.4 s: 375 GFLOP/s, 94 % of bf16's.
+    # Ours 0.5 s and byol-pytorch 1.2 s for 150 GFLOP each; the peak rate is 400 GFLOP/s in
+    # bf16 and 150 in fp32. 3x needs 150 GFLOP in 0.4 s: 375 GFLOP/s, 94 % of bf16's.
     samples = {
         "ours": [0.5, 0.5],
         "byol-pytorch": [1.2, 1.2],
@@ -89,10 +89,8 @@ def test_shares_of_the_ceiling() -> None:
 def test_the_report_says_what_a_target_asks_of_the_cpu() -> None:
     r = result()
     text = markdown(r)
-    assert (
-        "| byol-pytorch 0.9.1, its README's step (fp32, Adam) | 150.0 | 125 | 83% of fp32's |"
-        in (text)
-    )
+    row = "| byol-pytorch 0.9.1, its README's step (fp32, Adam) | 150.0 | 125 | 83% of fp32's |"
+    assert row in text
     assert "3.0x over byol-pytorch needs our 150.0 GFLOP in 400 ms: **94%**" in text
     # The supervised pass: 111 GFLOP in 0.36 s, 77 % of bf16's rate.
     assert "above the 77% that the supervised forward + backward" in text
@@ -100,7 +98,7 @@ def test_the_report_says_what_a_target_asks_of_the_cpu() -> None:
     assert "2.0x over lightly needs our 150.0 GFLOP in 550 ms: **68%**" in text
     assert "within the 77% that the supervised pass" in text
     assert "at 94% of this CPU's bf16 peak rate" in summary(r, None)
-    # A target beyond the product's own rate is called impossible, not merely far.
+    # A target beyond the peak rate itself is called impossible, not merely far.
     r.ceilings["bf16"] = 300e9
     assert "more than the CPU's fastest kernels do" in markdown(r)
 
