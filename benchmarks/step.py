@@ -244,11 +244,12 @@ def measure(repeats: int = 10, levers: bool = True) -> StepResult:
     precisions = (
         {"fp32": torch.float32, "bf16": torch.bfloat16} if runtime.bf16 else {"fp32": torch.float32}
     )
-    kernel_flops = {}
+    peak_rows: dict[str, dict[str, int]] = {}  # precision -> row name -> its operations
     for precision, dtype in precisions.items():
         for kernel, (fn, flops) in peak_kernels(dtype).items():
-            fns[f"peak {precision} {kernel}"] = fn
-            kernel_flops[f"peak {precision} {kernel}"] = flops
+            name = f"peak {precision} {kernel}"
+            fns[name] = fn
+            peak_rows.setdefault(precision, {})[name] = flops
     timings: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():  # warm-up: allocator, oneDNN primitive caches
         fn()
@@ -268,12 +269,8 @@ def measure(repeats: int = 10, levers: bool = True) -> StepResult:
     result.seconds = {k: statistics.median(v) for k, v in timings.items()}
     result.flops = {name: count_flops(fns[name]) for name in COUNTED}
     result.ceilings = {
-        precision: max(
-            flops / result.seconds[name]
-            for name, flops in kernel_flops.items()
-            if name.startswith(f"peak {precision} ")
-        )
-        for precision in precisions
+        precision: max(flops / result.seconds[name] for name, flops in rows.items())
+        for precision, rows in peak_rows.items()
     }
     return result
 
@@ -329,9 +326,9 @@ def arithmetic(r: StepResult) -> str:
         )
     rates = ", ".join(f"{p} {c / 1e9:.0f} GFLOP/s" for p, c in sorted(r.ceilings.items()))
     needs = []
+    floor = r.ceiling_share("supervised")
     for peer, target in TARGETS.items():
         share = r.target_share(peer, target)
-        floor = r.ceiling_share("supervised")
         verdict = (
             "more than the CPU's fastest kernels do: no implementation of the same "
             "arithmetic meets it on this CPU"
