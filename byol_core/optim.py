@@ -79,6 +79,7 @@ class LARS(Optimizer):
                 # One kernel for decay, momentum and update (torch's fused SGD): a third of the
                 # foreach version's time on the CPU (docs/benchmarks.md, optimizer lever).
                 momentum = group["momentum"]
+                params, grads, bufs = _dense_views(params, grads, bufs)
                 torch._fused_sgd_(
                     params, grads, bufs if momentum else [], weight_decay=weight_decay,
                     momentum=momentum, lr=group["lr"], dampening=0.0, nesterov=False,
@@ -92,6 +93,31 @@ class LARS(Optimizer):
             torch._foreach_add_(bufs, grads)
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
         return loss
+
+
+def _dense_views(
+    params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Each (parameter, gradient, buffer) whose three tensors share one dense but
+    non-contiguous layout (a channels_last convolution weight) as contiguous views of the same
+    memory, dimensions permuted by stride; other triples as they are.
+
+    The update is elementwise, so permuting all three alike changes nothing, but the fused
+    kernel on the CPU makes a contiguous copy of every non-contiguous operand and writes it
+    back: 3x the time of the same update on contiguous tensors (12.8 against 4.3 ms for
+    ResNet-18's 3x3 weights on the Zen 4 CPU, docs/benchmarks.md).
+    """
+    out_p, out_g, out_b = [], [], []
+    for p, g, b in zip(params, grads, bufs, strict=True):
+        if not p.is_contiguous() and g.stride() == p.stride() == b.stride():
+            order = sorted(range(p.dim()), key=lambda d: -p.stride(d))
+            view = p.permute(order)
+            if view.is_contiguous():
+                p, g, b = view, g.permute(order), b.permute(order)
+        out_p.append(p)
+        out_g.append(g)
+        out_b.append(b)
+    return out_p, out_g, out_b
 
 
 def _fusable(params: list[torch.Tensor]) -> bool:
