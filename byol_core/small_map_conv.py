@@ -115,6 +115,7 @@ class _SmallMapConv(torch.autograd.Function):
         n = x.shape[0]
         out_c, _, kh, kw = weight.shape
         ho, wo = _output_positions(x.shape[2:], (kh, kw), stride, padding, dilation)
+        rows = None
         if ho * wo <= _limits(x.dtype).forward:
             rows = _im2col_rows(x, (kh, kw), dilation, padding, stride)
             y = rows @ _weight_matrix(weight).t()
@@ -124,13 +125,16 @@ class _SmallMapConv(torch.autograd.Function):
             y = y.view(n, ho, wo, out_c).permute(0, 3, 1, 2)
         else:
             y = F.conv2d(x, weight, bias, stride, padding, dilation)
-        ctx.save_for_backward(x, weight)
+        # The weight gradient's product needs these rows again: kept, they are not gathered
+        # twice (their copy is most of a small map's gather cost).
+        keep_rows = rows is not None and ctx.needs_input_grad[1]
+        ctx.save_for_backward(x, weight, rows if keep_rows else None)
         ctx.conv = (stride, padding, dilation, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
+        x, weight, rows = ctx.saved_tensors
         stride, padding, dilation, has_bias = ctx.conv
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         positions = grad_y.shape[2] * grad_y.shape[3]
@@ -147,7 +151,8 @@ class _SmallMapConv(torch.autograd.Function):
             grad_x = _grad_input(grad_y, weight, x, stride, padding, dilation)
         if w_as_product:
             out_c = weight.shape[0]
-            rows = _im2col_rows(x, weight.shape[2:], dilation, padding, stride)
+            if rows is None:
+                rows = _im2col_rows(x, weight.shape[2:], dilation, padding, stride)
             grad_rows = grad_y.permute(0, 2, 3, 1).reshape(-1, out_c)
             # (out, kh, kw, in) seen as (out, in, kh, kw): channels_last, as the weight is
             grad_w = (grad_rows.t() @ rows).view(out_c, *weight.shape[2:], -1).permute(0, 3, 1, 2)
