@@ -1,8 +1,9 @@
 """Levers the step benchmark cannot switch by a spec field: ``torch.compile``, the optimizer's
 and the EMA's implementation. Same model and batch as ``benchmarks.step``.
 
-* optimizer: our LARS class in SGD mode (foreach ops, what training uses) against torch's SGD
-  as a for-loop, foreach and fused, on the online network's real gradients;
+* optimizer: our LARS class in SGD mode (what training uses) against torch's SGD
+  as a for-loop, foreach and fused, on the online network's real gradients, the weights laid
+  out as in training (channels_last where the runtime takes it);
 * EMA: our one ``_foreach_lerp_`` against a per-parameter loop (lightly's old style);
 * ``torch.compile`` of the online and target networks inside our ``train_step``: compile time,
   then the step;
@@ -56,6 +57,8 @@ def optimizer_and_ema(repeats: int) -> dict[str, float]:
     spec = step_spec()
     model, views = _model_and_views()
     runtime = resolve_runtime(spec.runtime)
+    if runtime.channels_last:  # the weights' layout in training, which the kernels see
+        model.to(memory_format=torch.channels_last)
     ours = build_optimizer(model.online, spec.optim, lr=0.06)
     train_step(model.online, model.target, BYOLLoss(), ours, views, runtime)  # real gradients
     params = [p for p in model.online.parameters() if p.grad is not None]

@@ -273,8 +273,11 @@ def levers_section(
         lines.append(
             f"- **foreach / fused optimizer** ({_kept(foreach is None or foreach > ours_opt)}): "
             f"{others}. Ours computes LARS's trust ratios with foreach ops and then hands decay, "
-            f"momentum and update to torch's fused SGD kernel ({ours_opt:.1f} ms{share}); the "
-            "foreach version of the same update is the path on devices the kernel does not take."
+            f"momentum and update to torch's fused SGD kernel ({ours_opt:.1f} ms{share}), each "
+            "channels_last weight as a contiguous view of its memory: handed the channels_last "
+            "tensors themselves, as torch's SGD hands them, the CPU kernel copies every weight, "
+            "gradient and buffer to a contiguous one and back. The foreach version of the same "
+            "update is the path on devices the kernel does not take."
         )
     ema = {k: v for k, v in lever_ms.items() if k.startswith("EMA")}
     if ema:
