@@ -7,7 +7,8 @@ host-sync levers), 2 augmentation against torchvision in a DataLoader, 3 one epo
 CPU-scale study broken down by phase (skipped without ../shared/data/cifar10), 4 two gloo
 workers, global against local batch norm (``benchmarks.distributed`` in a subprocess, its report
 embedded), and the levers outside the step (optimizer, EMA, ``torch.compile`` of the step and
-of the augmentation). The peers come with the ``bench`` extra: ``pip install -e '.[bench]'``.
+of the augmentation, malloc keeping its heap in fresh processes). The peers come with the
+``bench`` extra: ``pip install -e '.[bench]'``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import augmentation, epoch, levers, peers, step
+from benchmarks import augmentation, epoch, heap, levers, peers, step
 from benchmarks.report import hand_kept, header
 from benchmarks.verdicts import levers_section, summary
 
@@ -111,6 +112,8 @@ def main() -> None:
     if "levers" not in skip:
         lever_ms.update(levers.optimizer_and_ema(args.repeats))
         lever_ms.update(levers.small_map_convs(args.repeats))
+        write()
+        lever_ms.update(heap.measure())
         write()
         if "compile" not in skip:
             lever_ms.update(levers.compiled_step(args.repeats))

@@ -10,6 +10,7 @@ import torch
 
 from benchmarks.augmentation import SHARE_TARGET, SPEEDUP_TARGET, AugmentResult
 from benchmarks.epoch import EpochResult, breakdown
+from benchmarks.heap import MODES, ROWS
 from benchmarks.levers import SMALL_MAP_SHAPES, small_map_key
 from benchmarks.step import BOUND_TARGET, TARGETS, StepResult
 from byol_core.runtime import cpu_bf16_kind
@@ -196,6 +197,30 @@ Median ms of interleaved repeats (`python -m benchmarks.levers`).
 """
 
 
+def _keep_heap(lever_ms: dict[str, float]) -> str | None:
+    """The malloc lever (``benchmarks.heap``), measured across fresh processes."""
+    if f"keep_heap: ours, {MODES[1]}" not in lever_ms:
+        return None
+    rows = []
+    for row in ROWS:
+        plain, kept = (f"keep_heap: {row}, {mode}" for mode in MODES)
+        rows.append(
+            f"{row} {lever_ms[kept]:.0f} against {lever_ms[plain]:.0f} ms "
+            f"({lever_ms[plain] / lever_ms[kept]:.2f}x; kernel time "
+            f"{lever_ms[kept + ' kernel ms']:.0f} against {lever_ms[plain + ' kernel ms']:.0f} "
+            f"ms, page faults {lever_ms[kept + ' page faults']:,.0f} against "
+            f"{lever_ms[plain + ' page faults']:,.0f} a step)"
+        )
+    return (
+        "- **malloc keeps its heap** (`runtime.keep_heap`, kept: the Trainer sets it in every "
+        "CPU run), each step in fresh processes with and without, alternating: "
+        + "; ".join(rows)
+        + ". Without it glibc hands the freed activation blocks back to the system and every "
+        "step faults them in again. It is a setting of the whole process, so section 1 runs "
+        "every row, ours too, with malloc's defaults; the peers would gain from it as well."
+    )
+
+
 def levers_section(
     step: StepResult | None,
     lever_ms: dict[str, float],
@@ -279,6 +304,9 @@ def levers_section(
             "gradient and buffer to a contiguous one and back. The foreach version of the same "
             "update is the path on devices the kernel does not take."
         )
+    heap = _keep_heap(lever_ms)
+    if heap:
+        lines.append(heap)
     ema = {k: v for k, v in lever_ms.items() if k.startswith("EMA")}
     if ema:
         lines.append(

@@ -43,7 +43,8 @@ def keep_heap() -> bool:
     between processes. Under global batch norm every process then waits at the next layer's
     collective for the one that faulted. Measured with 2 CPU processes
     (docs/benchmark-distributed.md): global BN's cost over local went from about +15-20 % to
-    +6-12 %, local BN's step unchanged.
+    +6-12 %, local BN's step unchanged. In one process the faults cost the benchmark step
+    about 30 ms of kernel time (15,000 a step; ``benchmarks.heap``).
     The price: the process keeps its peak heap for its lifetime, which a training process
     reaches every step anyway.
     """

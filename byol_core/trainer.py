@@ -122,8 +122,10 @@ class Trainer:
         self.rank = dist.get_rank() if distributed else 0
         self.world_size = dist.get_world_size() if distributed else 1
         global_bn = self.world_size > 1 and spec.distributed.bn_sync == "global"
-        if self.world_size > 1 and self.runtime.device.type == "cpu":
-            keep_heap()  # page faults at random moments hold up every process (keep_heap)
+        if self.runtime.device.type == "cpu":
+            # Freed activations come back as page faults every step, and under global batch
+            # norm at moments that hold up every process (keep_heap).
+            keep_heap()
         self.model, self.loss_fn, self.optimizer = build(spec, self.runtime.device, global_bn)
         if self.runtime.channels_last:
             self.model.to(memory_format=torch.channels_last)

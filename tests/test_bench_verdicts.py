@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.plot_runs import _tick, plot_runs, read_table
 from benchmarks.step import StepResult, markdown, step_spec
-from benchmarks.verdicts import summary
+from benchmarks.verdicts import levers_section, summary
 from byol_core.runtime import resolve_runtime
 
 
@@ -91,3 +91,19 @@ def test_run_ticks_put_date_time_and_machine_on_lines_of_their_own() -> None:
         "10: 2026-12-06\n20:59\nEPYC Zen 4\n2 threads"
     )
     assert _tick(3, "05:20, 2 threads") == "3: 05:20\n2 threads"
+
+
+def test_the_malloc_lever_reads_both_rows_from_fresh_process_figures() -> None:
+    lever_ms = {}
+    for row, plain, kept in (("ours", 510.0, 480.0), ("lightly", 1040.0, 1010.0)):
+        for mode, ms, kernel, faults in (
+            ("malloc's defaults", plain, 34.0, 15000.0),
+            ("keep_heap", kept, 3.0, 100.0),
+        ):
+            key = f"keep_heap: {row}, {mode}"
+            lever_ms.update({key: ms, f"{key} kernel ms": kernel, f"{key} page faults": faults})
+    text = levers_section(None, lever_ms, None)
+    assert "ours 480 against 510 ms (1.06x; kernel time 3 against 34 ms" in text
+    assert "lightly 1010 against 1040 ms (1.03x" in text
+    assert "page faults 100 against 15,000 a step" in text
+    assert "malloc keeps its heap" not in levers_section(None, {}, None)
