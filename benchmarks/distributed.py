@@ -167,7 +167,7 @@ def main() -> None:
 what training runs on one host: global batch norm's collectives through shared memory
 (`distributed.shared_memory`, the default); the "gloo" row sends them through gloo, as before
 (and as between hosts). Every process keeps its malloc heap (`runtime.keep_heap`), as the
-trainer does in a distributed CPU run. BN all-reduces: per step and process, with the median wall
+trainer does in every CPU run. BN all-reduces: per step and process, with the median wall
 time a process spends inside them (waiting for the other included).
 
 | configuration | median step ms | BN all-reduces | ms inside them |
