@@ -25,14 +25,12 @@ def _child(row: str, keep: bool, steps: int) -> dict[str, float]:
     import torch
 
     from benchmarks import peers
-    from benchmarks.step import BATCH, SIZE, ours_step, step_spec
-    from byol_core.augment import PairAugment
+    from benchmarks.step import augmented_views, ours_step
     from byol_core.runtime import keep_heap
 
     if keep and not keep_heap():
         raise SystemExit("keep_heap: not glibc")
-    images = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8)
-    x0, x1 = PairAugment(step_spec().augment)(images, torch.Generator().manual_seed(0))
+    x0, x1 = augmented_views()
     torch.manual_seed(0)
     step = ours_step([x0, x1]) if row == "ours" else peers.lightly_step(x0, x1)
     for _ in range(3):

@@ -27,9 +27,9 @@ from torch import nn
 
 from benchmarks import augmentation
 from benchmarks.report import header, interleaved_medians
-from benchmarks.step import BATCH, SIZE, step_spec
+from benchmarks.step import BATCH, augmented_views, step_spec
 from byol_core import augment
-from byol_core.augment import PairAugment, ViewAugment
+from byol_core.augment import ViewAugment
 from byol_core.ema import ema_update
 from byol_core.losses import BYOLLoss
 from byol_core.model import BYOL
@@ -48,9 +48,7 @@ def _model_and_views() -> tuple[BYOL, list[torch.Tensor]]:
     spec = step_spec()
     torch.manual_seed(0)
     model = BYOL(spec.model)
-    images = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8)
-    views = list(PairAugment(spec.augment)(images, torch.Generator().manual_seed(0)))
-    return model, views
+    return model, augmented_views()
 
 
 def optimizer_and_ema(repeats: int) -> dict[str, float]:

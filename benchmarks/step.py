@@ -65,6 +65,12 @@ def step_spec(*overrides: str) -> JobSpec:
     )
 
 
+def augmented_views() -> list[torch.Tensor]:
+    """The comparison's two views: a random uint8 batch through our augmentation, seeded."""
+    images = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8)
+    return list(PairAugment(step_spec().augment)(images, torch.Generator().manual_seed(0)))
+
+
 def ours_step(
     views: list[torch.Tensor],
     *overrides: str,
