@@ -3,9 +3,11 @@
     python -m benchmarks [--repeats 10] [--out docs/benchmarks.md] [--skip epoch,distributed,...]
 
 Parts: 1 the training step against the peers and our bound (with the precision / layout /
-host-sync levers), 2 augmentation against torchvision in a DataLoader, 3 one epoch of the
-CPU-scale study broken down by phase (skipped without ../shared/data/cifar10), 4 two gloo
-workers, global against local batch norm (``benchmarks.distributed`` in a subprocess, its report
+host-sync levers), then the same step without the levers in separate fresh processes, whose
+median ratios the targets table judges (``benchmarks.processes``), 2 augmentation against
+torchvision in a DataLoader, 3 one epoch of the CPU-scale study broken down by phase (skipped
+without ../shared/data/cifar10), 4 two gloo workers, global against local batch norm
+(``benchmarks.distributed`` in a subprocess, its report
 embedded), and the levers outside the step (optimizer, EMA, ``torch.compile`` of the step and
 of the augmentation, malloc keeping its heap in fresh processes). The peers come with the
 ``bench`` extra: ``pip install -e '.[bench]'``.
@@ -21,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import augmentation, epoch, heap, levers, peers, step
+from benchmarks import augmentation, epoch, heap, levers, peers, processes, step
 from benchmarks.report import hand_kept, header
 from benchmarks.verdicts import levers_section, summary
 
-PARTS = ("step", "augmentation", "epoch", "distributed", "levers", "compile")
+PARTS = ("step", "processes", "augmentation", "epoch", "distributed", "levers", "compile")
 
 
 def _distributed(steps: int) -> str:
@@ -66,7 +68,7 @@ def main() -> None:
 
     started = header()
     sections: list[str] = []
-    step_result = aug_result = epoch_result = None
+    step_result = aug_result = epoch_result = processes_result = None
     lever_ms: dict[str, float] = {}
 
     def write() -> str:
@@ -78,7 +80,7 @@ def main() -> None:
                 "",
                 f"{started} Written by `python -m benchmarks`.",
                 "",
-                summary(step_result, aug_result),
+                summary(step_result, aug_result, processes_result),
                 *sections,
                 levers_section(step_result, lever_ms, epoch_result, aug_result),
             ]
@@ -90,6 +92,10 @@ def main() -> None:
     if "step" not in skip:
         step_result = step.measure(args.repeats)
         sections.append(step.markdown(step_result))
+        write()
+    if "processes" not in skip:
+        processes_result = processes.measure(repeats=max(3, args.repeats // 2))
+        sections.append(processes.markdown(processes_result))
         write()
     if "augmentation" not in skip:
         aug_result = augmentation.measure()

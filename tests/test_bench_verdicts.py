@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import processes
 from benchmarks.plot_runs import _tick, plot_runs, read_table
 from benchmarks.step import StepResult, markdown, step_spec
 from benchmarks.verdicts import levers_section, summary
@@ -55,6 +56,38 @@ def test_a_target_inside_the_spread_is_called_unsettled() -> None:
     assert "fall on both sides of 3.0x (2.80-3.30x)" in text
     assert "both sides of 2.0x" not in text
     assert "the repeats straddle it" in markdown(r)
+
+
+def test_separate_processes_judge_the_step_by_their_median() -> None:
+    # One process (section 1) gives 2.2x over lightly; three fresh processes give 1.9, 1.95 and
+    # 2.1x: the table must call the target by their median, not section 1's process.
+    one = result(
+        {
+            "ours": [0.1, 0.1, 0.1],
+            "byol-pytorch": [0.31, 0.31, 0.31],
+            "lightly": [0.22, 0.22, 0.22],
+            "supervised": [0.08, 0.08, 0.08],
+        }
+    )
+    runs = [
+        {"ours": 0.1, "lightly": 0.19, "byol-pytorch": 0.28, "supervised": 0.08},
+        {"ours": 0.2, "lightly": 0.39, "byol-pytorch": 0.5, "supervised": 0.15},
+        {"ours": 0.1, "lightly": 0.21, "byol-pytorch": 0.29, "supervised": 0.09},
+    ]
+    r = processes.ProcessesResult(runs, repeats=3)
+    assert r.ratios("lightly") == pytest.approx([1.9, 1.95, 2.1])
+    assert r.text("lightly") == "1.95x (median of 3 processes, 1.90-2.10x)"
+    assert r.bound_ratio() == pytest.approx(0.1 / (4 / 3 * 0.08))  # of 0.94, 1.0 and 0.83
+    assert r.straddles("lightly", 2.0) and not r.straddles("byol-pytorch", 3.0)
+    text = summary(one, None, r)
+    assert "| step: ours over lightly | >= 2.0x | 1.95x (median of 3 processes" in text
+    assert "section 1's process 2.20x | **not met** |" in text
+    assert "the separate processes fall on both sides of 2.0x (1.90-2.10x)" in text
+    assert "3.0x over byol-pytorch needs a step" in text
+    assert "3.0x over byol-pytorch needs a step" not in summary(one, None)
+    table = processes.markdown(r)
+    assert "| 2 | 200.0 | 390.0 | 500.0 | 150.0 | 1.95x | 2.50x | 1.00x |" in table
+    assert "the processes straddle it" in table
 
 
 RUNS_TABLE = """Some prose.
