@@ -107,7 +107,7 @@ def markdown(r: ProcessesResult) -> str:
     table, listed = "\n".join(lines), "\n".join(verdicts)
     return f"""### The step in separate processes
 
-The rows above without the lever rows, in {len(r.runs)} fresh processes one after another, each
+Section 1's rows without its lever rows, in {len(r.runs)} fresh processes one after another, each
 with its own {r.repeats} interleaved repeats (`python -m benchmarks.processes`): a peer's step
 moves by 10-15 % between processes on a shared VM, far more than between repeats in one, so the
 targets table above judges the step by the median over these processes.
