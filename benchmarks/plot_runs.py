@@ -74,7 +74,9 @@ def plot_runs(
     ranges: dict[str, list[tuple[float, float] | None]],
     path: Path,
 ) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [2, 1]})
+    # Wider as runs are added: each run's tick label needs about 0.8 in of the left panel.
+    width = max(13.0, 1.2 * len(runs) + 1.0)
+    fig, axes = plt.subplots(1, 2, figsize=(width, 4.6), gridspec_kw={"width_ratios": [2, 1]})
     xs = list(range(len(runs)))
     for label, legend, target, panel in SERIES:
         ax = axes[panel]
@@ -85,7 +87,8 @@ def plot_runs(
             if span:  # the same figure in other runs that day: a bar beside the point
                 ax.vlines(x + 0.12, *span, color=line.get_color(), linewidth=3, alpha=0.5)
     axes[0].set_title(
-        "training step: ratios (dashed: targets; bars: other runs that day)", fontsize=10
+        "training step: ratios (dashed: targets; bars: other runs or processes that day)",
+        fontsize=10,
     )
     axes[1].set_title(f"augmentation over torchvision (target {SPEEDUP_TARGET:.0f}x)", fontsize=10)
     axes[0].set_xticks(xs, [_tick(i + 1, run) for i, run in enumerate(runs)])
