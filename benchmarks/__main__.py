@@ -7,7 +7,7 @@ host-sync levers), then the same step without the levers in separate fresh proce
 median ratios the targets table judges (``benchmarks.processes``), 2 augmentation against
 torchvision in a DataLoader, 3 one epoch of the CPU-scale study broken down by phase (skipped
 without ../shared/data/cifar10), 4 two gloo workers, global against local batch norm
-(``benchmarks.distributed`` in a subprocess, its report
+(``benchmarks.distributed`` in a subprocess, the median of three runs; its report
 embedded), and the levers outside the step (optimizer, EMA, ``torch.compile`` of the step and
 of the augmentation, malloc keeping its heap in fresh processes). The peers come with the
 ``bench`` extra: ``pip install -e '.[bench]'``.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import processes
+from benchmarks import distributed, processes
 from benchmarks.plot_runs import _tick, plot_runs, read_table
 from benchmarks.step import StepResult, markdown, step_spec
 from benchmarks.verdicts import levers_section, summary
@@ -140,3 +140,15 @@ def test_the_malloc_lever_reads_both_rows_from_fresh_process_figures() -> None:
     assert "lightly 1010 against 1040 ms (1.03x" in text
     assert "page faults 100 against 15,000 a step" in text
     assert "malloc keeps its heap" not in levers_section(None, {}, None)
+
+
+def test_the_distributed_report_is_its_median_runs() -> None:
+    local, glob = list(distributed.CONFIGS)[:2]
+
+    def run(local_s: float, global_s: float) -> distributed.Run:
+        return [0.0, 0.0], {local: local_s, glob: global_s}, {}, {}
+
+    runs = [run(0.6, 0.70), run(0.6, 0.65), run(0.5, 0.54)]  # +16.7 %, +8.3 %, +8.0 %
+    assert distributed.median_run(runs) is runs[1]
+    assert distributed.median_run(runs[:2]) is runs[1]  # the lower of the middle two
+    assert distributed._as_trained(runs[0]) == pytest.approx(100 / 6)
