@@ -19,7 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from benchmarks.step import BOUND_TARGET, TARGETS
+from benchmarks.step import BOUND_TARGET, TARGETS, peer_verdict
 
 ROWS = ("ours", "lightly", "byol-pytorch", "supervised")
 
@@ -96,12 +96,12 @@ def markdown(r: ProcessesResult) -> str:
         cells += [f"{run[p] / run['ours']:.2f}x" for p in TARGETS]
         cells.append(f"{r.bound_ratios()[index]:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
-    verdicts = []
-    for peer, target in TARGETS.items():
-        met = "met" if r.ratio(peer) >= target else "**not met**"
-        if r.straddles(peer, target):
-            met += ", the processes straddle it"
-        verdicts.append(f"- over {peer}: **{r.text(peer)}** (target >= {target}x: {met})")
+    verdicts = [
+        peer_verdict(
+            peer, target, r.ratio(peer), r.text(peer), r.straddles(peer, target), "processes"
+        )
+        for peer, target in TARGETS.items()
+    ]
     met = "met" if r.bound_ratio() <= BOUND_TARGET else "**not met**"
     verdicts.append(f"- against the bound: **{r.text()}** (target <= {BOUND_TARGET}x: {met})")
     table, listed = "\n".join(lines), "\n".join(verdicts)

@@ -281,6 +281,17 @@ def measure(repeats: int = 10, levers: bool = True) -> StepResult:
     return result
 
 
+def peer_verdict(
+    peer: str, target: float, ratio: float, text: str, straddles: bool, spread: str = "repeats"
+) -> str:
+    """'- over PEER: **TEXT** (target >= Tx: met)', noting when the ``spread`` (repeats or
+    processes) falls on both sides of the target."""
+    met = "met" if ratio >= target else "**not met**"
+    if straddles:
+        met += f", the {spread} straddle it"
+    return f"- over {peer}: **{text}** (target >= {target}x: {met})"
+
+
 def markdown(r: StepResult) -> str:
     def row(name: str) -> str:
         sec = r.seconds[name]
@@ -288,12 +299,10 @@ def markdown(r: StepResult) -> str:
         return f"| {ROWS[name]} | {sec * 1e3:.1f} | {ips:.0f} | {rel:.2f} |"
 
     rows = "\n".join(row(name) for name in ROWS if name in r.seconds)
-    verdicts = []
-    for peer, target in TARGETS.items():
-        met = "met" if r.ratio(peer) >= target else "**not met**"
-        if r.straddles(peer, target):
-            met += ", the repeats straddle it"
-        verdicts.append(f"- over {peer}: **{r.ratio_text(peer)}** (target >= {target}x: {met})")
+    verdicts = [
+        peer_verdict(peer, target, r.ratio(peer), r.ratio_text(peer), r.straddles(peer, target))
+        for peer, target in TARGETS.items()
+    ]
     bound_ratio = r.seconds["ours"] / r.bound
     met = "met" if bound_ratio <= BOUND_TARGET else "**not met**"
     verdicts.append(
