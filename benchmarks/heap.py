@@ -17,13 +17,13 @@ import subprocess
 import sys
 import time
 
+import torch
+
 ROWS = ("ours", "lightly")
 MODES = ("malloc's defaults", "keep_heap")
 
 
 def _child(row: str, keep: bool, steps: int) -> dict[str, float]:
-    import torch
-
     from benchmarks import peers
     from benchmarks.step import augmented_views, ours_step
     from byol_core.runtime import keep_heap
@@ -59,6 +59,7 @@ def measure(steps: int = 12, rounds: int = 2) -> dict[str, float]:
             for mode in modes:
                 cmd = [sys.executable, "-m", "benchmarks.heap", "--child", row, "--steps"]
                 cmd += [str(steps)] + (["--keep"] if mode == "keep_heap" else [])
+                cmd += ["--threads", str(torch.get_num_threads())]  # the benchmark's threads
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 runs.setdefault((row, mode), []).append(json.loads(out.splitlines()[-1]))
     results: dict[str, float] = {}
@@ -76,7 +77,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--child", choices=ROWS, help=argparse.SUPPRESS)
     parser.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(_child(args.child, args.keep, args.steps)))
         return

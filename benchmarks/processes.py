@@ -7,7 +7,7 @@ by 10-15 % from one process to the next on this project's shared VMs, so one pro
 can put a target that close on either side. The report's verdicts on the step targets take the
 median over these processes when this part ran.
 
-    python -m benchmarks.processes [--processes 4] [--repeats 5]
+    python -m benchmarks.processes [--processes 4] [--repeats 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+import torch
+
+from benchmarks import peers
+from benchmarks.report import header
 from benchmarks.step import BOUND_TARGET, TARGETS, peer_verdict
 
 ROWS = ("ours", "lightly", "byol-pytorch", "supervised")
@@ -69,8 +73,13 @@ def measure(processes: int = 4, repeats: int = 5) -> ProcessesResult:
     runs = []
     for index in range(processes):
         cmd = [sys.executable, "-m", "benchmarks.processes", "--child", "--repeats", str(repeats)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        run = json.loads(out.splitlines()[-1])
+        # The children run with this process's torch threads (``--threads`` of the benchmark).
+        cmd += ["--threads", str(torch.get_num_threads())]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            said = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+            sys.exit(f"benchmarks.processes: process {index + 1} failed: {said[-1]}")
+        run = json.loads(proc.stdout.splitlines()[-1])
         runs.append(run)
         ratios = ", ".join(f"{p} {run[p] / run['ours']:.2f}x" for p in TARGETS)
         print(
@@ -122,13 +131,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.processes < 1 or args.repeats < 1:
+        parser.error("--processes and --repeats must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(_child(args.repeats)))
         return
-    from benchmarks.report import header
-
+    for module in ("lightly", "byol_pytorch"):  # one line now, not a failed child later
+        peers.require(module)
     print(header())
     print(markdown(measure(args.processes, args.repeats)))
 
