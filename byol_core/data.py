@@ -17,9 +17,7 @@ import hashlib
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from byol_core.errors import ByolError
+from byol_core.runtime import map_on_threads, single_threaded
 from byol_core.spec import DataSpec
 
 __all__ = [
@@ -259,24 +258,13 @@ def _cache_save(path: Path, blob: dict[str, torch.Tensor]) -> None:
 # shapes
 
 
-@contextmanager
-def _single_threaded() -> Iterator[None]:
-    """Run torch ops on one intra-op thread for the duration, then restore the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _load_shapes(spec: DataSpec, seed: int) -> DataSplits:
     n_train = min(SHAPES_TRAIN, spec.train_limit or SHAPES_TRAIN)
     n_test = min(SHAPES_TEST, spec.eval_limit or SHAPES_TEST)
     # Drawing is a long chain of ~1 ms element-wise ops. On a busy machine (other trainings on
     # the same cores) OpenMP threads wait on each other at every op: measured 0.5 s on one
     # thread against 3-10 s on two for the default 7,000 images, and never slower single.
-    with _single_threaded():
+    with single_threaded():
         train = generate_shapes(n_train, spec.image_size, _generator(seed, "shapes", "train"))
         test = generate_shapes(n_test, spec.image_size, _generator(seed, "shapes", "test"))
     return DataSplits(train, train, test)
@@ -685,16 +673,11 @@ def decode_files(
 
     # The pool is the parallelism: intra-op threads on top only make the per-chunk resizes
     # contend for the same cores.
-    with warnings.catch_warnings(), _single_threaded():
+    with warnings.catch_warnings(), single_threaded():
         # torchvision 0.29 warns on every decode call that TorchCodec will replace it; the
         # project pins 0.29 and falls back to PIL should the decoder go away.
         warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
-        if workers == 1 or len(chunks) == 1:
-            for chunk in chunks:
-                run(chunk)
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(run, chunks))  # list() re-raises the first worker exception
+        map_on_threads(run, chunks, workers)
     return out
 
 
