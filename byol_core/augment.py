@@ -13,6 +13,8 @@ pipeline, applied per image with per-image random parameters:
 Here every step runs on the whole batch at once with the per-image parameters drawn as tensors
 from one generator on the images' device: per-image PIL transforms in a data loader are what
 dominates a small BYOL run on CPU, and on a GPU they would leave the device idle.
+On the CPU the batch then goes through in slices of about 2 MB, which keep each op's
+intermediates in cache, both views' slices spread over a thread per core (``run_slices``).
 
 The parameters follow torchvision's sampling and the ops follow torchvision's tensor kernels
 (``torchvision.transforms.v2.functional``), with these differences:
@@ -31,13 +33,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from byol_core.runtime import map_on_threads
 from byol_core.spec import AugmentSpec
 
 __all__ = [
@@ -459,6 +462,23 @@ def _blur_selected_(x: Tensor, kernels: Tensor, selected: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- the pipeline
 
 
+def run_slices(
+    slices: Sequence[Callable[[], None]], device: torch.device, threads: int = 0
+) -> None:
+    """Run the slice tasks of :meth:`ViewAugment.plan` on ``threads`` threads (0: torch's
+    intra-op thread count) on the CPU, one after another elsewhere.
+
+    Each CPU slice is a chain of a hundred elementwise ops on about 2 MB, which torch's
+    intra-op threads split op by op, gaining little over one thread (each op's fork-join, and
+    both cores waiting on the same memory). A whole slice per thread, one intra-op thread
+    each, keeps every core on its own slices: 1.1x for the pair (``benchmarks.augmentation``).
+    A device queues the ops of its single task whichever thread sends them.
+    """
+    if device.type != "cpu":
+        threads = 1
+    map_on_threads(lambda task: task(), slices, threads or torch.get_num_threads())
+
+
 @dataclass(frozen=True)
 class ViewParams:
     """Everything random about one view of one batch (tensors on the images' device)."""
@@ -507,6 +527,9 @@ class ViewAugment:
             raise ValueError(f"view must be 0 or 1, got {view}")
         self.spec = spec
         self.view = view
+        # Threads for the CPU slices; 0 takes torch's intra-op thread count, 1 runs them one
+        # after another on torch's intra-op threads (the benchmarks' "op by op" row).
+        self.slice_threads = 0
         self.crop_size = spec.crop_size
         self.blur_p = spec.blur_p[view]
         self.solarize_p = spec.solarize_p[view]
@@ -557,8 +580,31 @@ class ViewAugment:
             solarize=u[:, _SOLARIZE] < self.solarize_p,
         )
 
+    def _jitter(self, x: Tensor, factors: Tensor, order: tuple[int, ...], weight: Tensor) -> Tensor:
+        """ColorJitter's ops on the slice ``x`` in the batch's ``order``, per-image factors."""
+        for op in order:
+            if not self._enabled[op]:
+                continue
+            if op == BRIGHTNESS:
+                x = _brightness_(x, factors[:, op])
+            elif op == CONTRAST:
+                x = _contrast_(x, factors[:, op])
+            elif op == SATURATION:
+                x = _saturation_(x, factors[:, op])
+            else:
+                # A zero shift through HSV is exact only up to rounding.
+                x = _hue_(x, factors[:, op], weight)
+        return x
+
     def apply(self, images: Tensor, params: ViewParams) -> Tensor:
         """Augment ``images`` with ``params`` from :meth:`sample`."""
+        out, slices = self.plan(images, params)
+        run_slices(slices, images.device, self.slice_threads)
+        return out
+
+    def plan(self, images: Tensor, params: ViewParams) -> tuple[Tensor, list[Callable[[], None]]]:
+        """The output buffer of :meth:`apply` and the tasks that fill it, a slice of the batch
+        each (one for the whole batch off the CPU): independent, so they can run on threads."""
         n, _, height, width = images.shape
         size = self.crop_size
         out = torch.empty(n, 3, size, size, dtype=torch.float32, device=images.device)
@@ -573,26 +619,12 @@ class ViewAugment:
             kernels = torch.where(params.blur.unsqueeze(1), kernels, impulse)
         jitter_w = params.jitter.to(torch.float32)
         gray_w = params.grayscale.to(torch.float32)
-
         gx, gy = _crop_coords(params.boxes, params.flip, height, width, size)
-        step = n if images.device.type != "cpu" else _cpu_slice(size)
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
+
+        def run(rows: slice) -> None:
             x = _resample(images[rows], _grid(gx[rows], gy[rows]))
             if self.spec.jitter_p > 0:
-                factors = params.factors[rows]
-                for op in params.order:
-                    if not self._enabled[op]:
-                        continue
-                    if op == BRIGHTNESS:
-                        x = _brightness_(x, factors[:, op])
-                    elif op == CONTRAST:
-                        x = _contrast_(x, factors[:, op])
-                    elif op == SATURATION:
-                        x = _saturation_(x, factors[:, op])
-                    else:
-                        # A zero shift through HSV is exact only up to rounding.
-                        x = _hue_(x, factors[:, op], jitter_w[rows])
+                x = self._jitter(x, params.factors[rows], params.order, jitter_w[rows])
             if self.spec.grayscale_p > 0:
                 x = _grayscale_(x, gray_w[rows])
             if kernels is not None:
@@ -600,7 +632,9 @@ class ViewAugment:
             if self.solarize_p > 0:
                 x = _solarize_(x, params.solarize[rows])
             _normalise(x, scale, shift, out=out[rows])
-        return out
+
+        step = n if images.device.type != "cpu" else _cpu_slice(size)
+        return out, [functools.partial(run, slice(lo, lo + step)) for lo in range(0, n, step)]
 
     @torch.no_grad()
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -619,10 +653,21 @@ class PairAugment:
         self.spec = spec
         self.views = (ViewAugment(spec, 0), ViewAugment(spec, 1))
 
+    @torch.no_grad()
     def __call__(
         self, images: Tensor, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        return self.views[0](images, generator), self.views[1](images, generator)
+        n, _, height, width = images.shape
+        # Both views' parameters first, in view order: the same draws as calling the views
+        # one after the other.
+        params = [view.sample(n, height, width, images.device, generator) for view in self.views]
+        (v1, slices1), (v2, slices2) = (
+            view.plan(images, p) for view, p in zip(self.views, params, strict=True)
+        )
+        # One pool for both views' slices: a barrier per view would leave a core idle at the
+        # end of each.
+        run_slices(slices1 + slices2, images.device, self.views[0].slice_threads)
+        return v1, v2
 
     def __repr__(self) -> str:
         return f"PairAugment(spec={self.spec!r})"

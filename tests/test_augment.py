@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 
 import pytest
 import torch
@@ -396,6 +397,51 @@ def test_ops_with_probability_zero_are_skipped(monkeypatch: pytest.MonkeyPatch) 
         monkeypatch.setattr(A, name, forbidden)
     spec = AugmentSpec(crop_size=16, jitter_p=0, grayscale_p=0, blur_p=(0, 0))
     PairAugment(spec)(uint8_images(4, 16), seeded(0))
+
+
+# --------------------------------------------------------------------------- CPU slices on threads
+
+
+@pytest.fixture
+def two_torch_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_slices_on_threads_equal_the_slices_op_by_op(
+    two_torch_threads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both views' CPU slices run on a thread each with one intra-op thread; the views must be
+    the ones the slices give op by op on torch's threads, and torch's thread count must be
+    back afterwards."""
+    spec = AugmentSpec(crop_size=32, blur_p=(0.5, 0.5), solarize_p=(0.2, 0.2))
+    images = smooth_images(300, 40, seed=8)  # 300 images of 32 px: two slices a view
+    threaded, serial = PairAugment(spec), PairAugment(spec)
+    for view in serial.views:
+        view.slice_threads = 1
+    seen: set[tuple[int, int]] = set()  # (thread, its torch thread count) per slice
+    resample = A._resample
+
+    def recording(*args, **kwargs):
+        seen.add((threading.get_ident(), torch.get_num_threads()))
+        return resample(*args, **kwargs)
+
+    monkeypatch.setattr(A, "_resample", recording)
+    got = threaded(images, seeded(5))
+    assert len(seen) == 2 and {count for _, count in seen} == {1}
+    assert threading.get_ident() not in {thread for thread, _ in seen}
+    assert torch.get_num_threads() == 2
+    seen.clear()
+    expected = serial(images, seeded(5))
+    assert seen == {(threading.get_ident(), 2)}
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=0)
+    # ViewAugment's own call takes the same path.
+    torch.testing.assert_close(
+        ViewAugment(spec, 0)(images, seeded(2)), serial.views[0](images, seeded(2))
+    )
 
 
 # --------------------------------------------------------------------------- crop sampling
