@@ -292,11 +292,20 @@ def peer_verdict(
     return f"- over {peer}: **{text}** (target >= {target}x: {met})"
 
 
+# Where the runtime is fp32 (no fast bf16 on the CPU), the rows that name bf16 say what ran.
+FP32_ROWS = {
+    "ours fp32": "ours in fp32 again (the default here: no fast bf16 on this CPU)",
+    "lightly bf16": "lightly's step under the same channels_last, fp32 as ours (not as shipped)",
+}
+
+
 def markdown(r: StepResult) -> str:
+    labels = ROWS if r.runtime.bf16 else {**ROWS, **FP32_ROWS}
+
     def row(name: str) -> str:
         sec = r.seconds[name]
         ips, rel = r.images_per_s(name), sec / r.seconds["ours"]
-        return f"| {ROWS[name]} | {sec * 1e3:.1f} | {ips:.0f} | {rel:.2f} |"
+        return f"| {labels[name]} | {sec * 1e3:.1f} | {ips:.0f} | {rel:.2f} |"
 
     rows = "\n".join(row(name) for name in ROWS if name in r.seconds)
     verdicts = [

@@ -105,12 +105,13 @@ def summary(
             notes.append(
                 f"- {target}x over {peer} needs a step of at most {needed * 1e3:.0f} ms: "
                 f"{needed / step.bound:.2f}x our own bound ({step.bound * 1e3:.0f} ms, 4/3 of a "
-                "supervised forward + backward of the same encoder in the same bf16 + "
-                "channels_last runtime), and ours is already "
+                "supervised forward + backward of the same encoder in the same "
+                f"{step.precision('ours')} + channels_last runtime), and ours is already "
                 f"{step.seconds['ours'] / step.bound:.2f}x that bound. "
                 + (
                     "Below the bound means less arithmetic than the method has or faster "
-                    f"convolution kernels than this CPU's oneDNN bf16 ones ({cpu_bf16_kind()}), "
+                    f"convolution kernels than this CPU's oneDNN {step.precision('ours')} ones "
+                    f"({cpu_bf16_kind()}), "
                     "not a better step: not reachable here without changing what is compared."
                     if needed < step.bound
                     else "Within reach only by closing the remaining gap to the bound."
@@ -182,6 +183,11 @@ def _compiled_augment(lever_ms: dict[str, float], aug: AugmentResult | None) -> 
             "time and a recompilation for every new batch shape."
         )
     return text
+
+
+def _levers(step: StepResult) -> str:
+    """Our precision and layout levers as this run applied them."""
+    return "bf16 autocast + channels_last" if step.runtime.bf16 else "channels_last (fp32 here)"
 
 
 def _bf16_hardware_note() -> str:
@@ -272,11 +278,23 @@ def levers_section(
         sync = _vs(
             "reading loss and diagnostics with `.item()` every step", s["ours + host sync"], ours
         )
+        if step.runtime.bf16:
+            bf16 = (
+                f"- **bf16 autocast** ({_kept(fp32 > ours)}; default where the CPU has "
+                f"AVX512-BF16/AMX and on GPUs with bf16): {_vs('fp32', fp32, ours)}. "
+                + _bf16_hardware_note()
+            )
+        else:
+            # Without fast bf16 the default is fp32, so the fp32 row repeats ours.
+            bf16 = (
+                "- **bf16 autocast** (default where the CPU has AVX512-BF16/AMX and on GPUs "
+                "with bf16): "
+                + _bf16_hardware_note()
+                + f" The fp32 row is the default measured again: {_vs('fp32', fp32, ours)}, "
+                "the run's noise between two identical configurations."
+            )
         lines += [
-            f"- **bf16 autocast** ({_kept(fp32 > ours)}; default where the CPU has "
-            f"AVX512-BF16/AMX and on GPUs with bf16): {_vs('fp32', fp32, ours)}. "
-            + _bf16_hardware_note()
-            + " GPUs were not measured (none here).",
+            bf16 + " GPUs were not measured (none here).",
             f"- **channels_last** ({_kept(no_cl > ours)}; default): "
             f"{_vs('without it', no_cl, ours)}; both levers off, "
             f"{_vs('fp32 without channels_last', s['ours fp32 no channels_last'], ours)}.",
@@ -305,9 +323,7 @@ def levers_section(
                 "gains as much."
             )
         if "lightly bf16" in s:
-            fast = _vs(
-                "lightly under the same bf16 autocast + channels_last", s["lightly bf16"], ours
-            )
+            fast = _vs(f"lightly under the same {_levers(step)}", s["lightly bf16"], ours)
             rest = s["lightly bf16"] / ours
             why = (
                 "so nearly all of our lead over lightly as shipped is these two levers: the rest "
@@ -366,6 +382,20 @@ def levers_section(
                 else " It helps the step; not a default because of the compilation time on "
                 "short runs and recompiles on new shapes; worth an opt-in for long runs."
             )
+        )
+    if aug and aug.op_by_op_s is not None:
+        lines.append(
+            "- **the augmentation's CPU slices on a thread per core** "
+            f"({_kept(aug.op_by_op_s > aug.ours_s)}; default on the CPU), section 2's pair: "
+            + _vs(
+                "the slices one after another, op by op on torch's intra-op threads",
+                aug.op_by_op_s,
+                aug.ours_s,
+            )
+            + ". Each 2 MB slice is a chain of about a hundred elementwise ops, too short for "
+            "an op split over two cores to gain much; whole slices on separate threads, one "
+            "intra-op thread each, keep both cores on their own work. The same views bit for "
+            "bit."
         )
     compiled_aug = _compiled_augment(lever_ms, aug)
     if compiled_aug:

@@ -7,6 +7,7 @@ from them.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from pathlib import Path
 
@@ -152,3 +153,36 @@ def test_the_distributed_report_is_its_median_runs() -> None:
     assert distributed.median_run(runs) is runs[1]
     assert distributed.median_run(runs[:2]) is runs[1]  # the lower of the middle two
     assert distributed._as_trained(runs[0]) == pytest.approx(100 / 6)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_report_names_the_precision_the_step_ran_in(bf16: bool) -> None:
+    """Where the CPU has no fast bf16 the runtime is fp32: the report must not call the fp32
+    row a lever off, nor the bound a bf16 runtime (as it did on the AVX2-only EPYC)."""
+    samples = {
+        "ours": [0.1, 0.1],
+        "lightly": [0.15, 0.15],
+        "byol-pytorch": [0.15, 0.15],
+        "supervised": [0.08, 0.08],
+        "ours fp32": [0.1, 0.1],
+        "ours no channels_last": [0.12, 0.12],
+        "ours fp32 no channels_last": [0.13, 0.13],
+        "ours + host sync": [0.1, 0.1],
+        "ours one pass": [0.1, 0.1],
+        "lightly bf16": [0.12, 0.12],
+    }
+    r = result(samples)
+    r.runtime = dataclasses.replace(r.runtime, bf16=bf16)
+    step_text, levers = markdown(r), levers_section(r, {}, None)
+    notes = summary(r, None)
+    if bf16:
+        assert "| lever off: ours in fp32 (no autocast) |" in step_text
+        assert "in the same bf16 + channels_last runtime" in notes
+        assert "lightly under the same bf16 autocast + channels_last" in levers
+    else:
+        assert "| ours in fp32 again (the default here" in step_text
+        assert "bf16 autocast + channels_last" not in step_text + levers
+        assert "in the same fp32 + channels_last runtime" in notes
+        assert "oneDNN fp32 ones" in notes
+        assert "The fp32 row is the default measured again" in levers
+        assert "lightly under the same channels_last (fp32 here)" in levers
