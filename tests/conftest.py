@@ -267,3 +267,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture
+def two_torch_threads() -> Iterator[None]:
+    """torch on two intra-op threads for the test, whatever the machine's count, then back."""
+    import torch  # here, not at the top: the service's tests run without importing torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)

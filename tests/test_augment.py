@@ -402,14 +402,6 @@ def test_ops_with_probability_zero_are_skipped(monkeypatch: pytest.MonkeyPatch) 
 # --------------------------------------------------------------------------- CPU slices on threads
 
 
-@pytest.fixture
-def two_torch_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_slices_on_threads_equal_the_slices_op_by_op(
     two_torch_threads, monkeypatch: pytest.MonkeyPatch
 ) -> None:

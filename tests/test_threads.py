@@ -12,14 +12,6 @@ import torch
 from byol_core.runtime import map_on_threads
 
 
-@pytest.fixture
-def two_torch_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_items_run_on_pool_threads_with_one_torch_thread_each(two_torch_threads) -> None:
     ran: dict[int, tuple[int, int]] = {}
     barrier = threading.Barrier(2, timeout=30)
