@@ -415,13 +415,18 @@ def test_slices_on_threads_equal_the_slices_op_by_op(
         view.slice_threads = 1
     seen: set[tuple[int, int]] = set()  # (thread, its torch thread count) per slice
     resample = A._resample
+    # The threaded call's four slices pass in pairs, so one pool thread cannot take them all.
+    pairs: list[threading.Barrier] = [threading.Barrier(2, timeout=30)]
 
     def recording(*args, **kwargs):
         seen.add((threading.get_ident(), torch.get_num_threads()))
+        if pairs:
+            pairs[0].wait()
         return resample(*args, **kwargs)
 
     monkeypatch.setattr(A, "_resample", recording)
     got = threaded(images, seeded(5))
+    pairs.clear()
     assert len(seen) == 2 and {count for _, count in seen} == {1}
     assert threading.get_ident() not in {thread for thread, _ in seen}
     assert torch.get_num_threads() == 2
