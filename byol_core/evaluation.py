@@ -17,6 +17,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from byol_core.augment import eval_transform
@@ -104,6 +105,28 @@ def evaluate_features(
     C: float = 1.0,
     max_iter: int = 1000,
     seed: int = 0,
+) -> dict[str, float]:
+    """Linear and k-NN top-1 of the features under ``protocol``, fitted with one BLAS thread.
+
+    The probe's products are small (5,000 x 128 features in the CPU-scale study), and OpenBLAS
+    splitting each over threads cost more than it gained: on a 2-core CPU the logistic
+    regression took 5.5-5.9 s with two BLAS threads and 0.49-0.51 s with one, with or without
+    torch in the process, and the k-NN vote 0.69-0.79 against 0.18-0.20 s (docs/benchmarks.md,
+    "The runs compared", Zen 5). The split changes only the products' rounding, within lbfgs's
+    tolerance (top-1 34.86 against 34.88 %).
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _evaluate(protocol, test, train, knn_k, C, max_iter, seed)
+
+
+def _evaluate(
+    protocol: str,
+    test: tuple[np.ndarray, np.ndarray],
+    train: tuple[np.ndarray, np.ndarray] | None,
+    knn_k: int,
+    C: float,
+    max_iter: int,
+    seed: int,
 ) -> dict[str, float]:
     if protocol == "study":
         fit_x, fit_y, score_x, score_y = halves(*test, seed=seed)

@@ -2,7 +2,9 @@
 
 import numpy as np
 import pytest
+import threadpoolctl
 
+from byol_core import evaluation
 from byol_core.evaluation import knn_top1, linear_top1
 
 
@@ -19,3 +21,30 @@ def test_top1_is_the_exact_percentage_of_correct_predictions(probe) -> None:
     y_score = np.repeat([0, 1], 500)
     y_score[132:] = 1 - y_score[132:]
     assert probe(x_fit, y_fit, x_score, y_score) == 13.2
+
+
+def _blas_threads() -> list[int]:
+    return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+
+
+def test_the_probes_fit_with_one_blas_thread_and_give_the_threads_back(monkeypatch) -> None:
+    # OpenBLAS's threads made the probe's small products 4-11x slower on two cores
+    # (evaluate_features); the limit must hold inside the fit and end with it.
+    before = _blas_threads()
+    if not before or max(before) < 2:
+        pytest.skip(f"BLAS runs one thread here already ({before}): nothing to limit")
+    seen: list[list[int]] = []
+
+    def spy(*args, **kwargs):
+        seen.append(_blas_threads())
+        return linear_top1(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "linear_top1", spy)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    y = np.repeat(np.arange(4), 50)
+    x[np.arange(200), y] += 3.0  # one informative feature per class
+    result = evaluation.evaluate_features(protocol="study", test=(x, y), knn_k=5)
+    assert seen == [[1] * len(before)]
+    assert _blas_threads() == before
+    assert result["linear_top1"] > 80 and result["knn_top1"] > 80
