@@ -96,6 +96,7 @@ def halves(
     return x_fit, y_fit, x_score, y_score
 
 
+@threadpool_limits.wrap(limits=1, user_api="blas")
 def evaluate_features(
     *,
     protocol: str,
@@ -115,19 +116,6 @@ def evaluate_features(
     "The runs compared", Zen 5). The split changes only the products' rounding, within lbfgs's
     tolerance (top-1 34.86 against 34.88 %).
     """
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _evaluate(protocol, test, train, knn_k, C, max_iter, seed)
-
-
-def _evaluate(
-    protocol: str,
-    test: tuple[np.ndarray, np.ndarray],
-    train: tuple[np.ndarray, np.ndarray] | None,
-    knn_k: int,
-    C: float,
-    max_iter: int,
-    seed: int,
-) -> dict[str, float]:
     if protocol == "study":
         fit_x, fit_y, score_x, score_y = halves(*test, seed=seed)
     else:
