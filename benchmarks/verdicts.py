@@ -14,7 +14,12 @@ from benchmarks.heap import MODES, ROWS
 from benchmarks.levers import SMALL_MAP_SHAPES, small_map_key
 from benchmarks.processes import ProcessesResult
 from benchmarks.step import BOUND_TARGET, TARGETS, StepResult
-from byol_core.runtime import cpu_bf16_kind
+from byol_core.runtime import (
+    BF16_MIN_SPEEDUP,
+    cpu_bf16_kind,
+    cpu_bf16_speedup,
+    cpu_has_fast_bf16,
+)
 from byol_core.small_map_conv import LIMITS
 
 
@@ -192,14 +197,20 @@ def _levers(step: StepResult) -> str:
 
 def _bf16_hardware_note() -> str:
     kind = cpu_bf16_kind()
+    if kind == "no bf16 instructions":
+        return "This CPU has no bf16 instructions: bf16 is emulated and not a default here."
+    probe = (
+        f" Its start-up probe (`runtime.cpu_bf16_speedup`, one convolution's forward + backward) "
+        f"ran bf16 at {cpu_bf16_speedup():.2f}x fp32's speed, so `precision: auto` "
+        f"{'chose bf16' if cpu_has_fast_bf16() else 'chose fp32'} "
+        f"(bf16 from {BF16_MIN_SPEEDUP}x)."
+    )
     if kind == "AMX":
-        return "This CPU has AMX tiles, which oneDNN's bf16 convolutions use."
-    if kind.startswith("AVX512-BF16"):
-        return (
-            "This CPU has AVX512-BF16 but no AMX tiles, so bf16 convolutions gain far less "
-            "than AMX would give."
-        )
-    return "This CPU has no bf16 instructions: bf16 is emulated and not a default here."
+        return "This CPU has AMX tiles, which oneDNN's bf16 convolutions use." + probe
+    return (
+        "This CPU has AVX512-BF16 but no AMX tiles, so bf16 convolutions gain far less "
+        "than AMX would give, if anything." + probe
+    )
 
 
 def _small_maps(lever_ms: dict[str, float]) -> str | None:
@@ -280,15 +291,14 @@ def levers_section(
         )
         if step.runtime.bf16:
             bf16 = (
-                f"- **bf16 autocast** ({_kept(fp32 > ours)}; default where the CPU has "
-                f"AVX512-BF16/AMX and on GPUs with bf16): {_vs('fp32', fp32, ours)}. "
-                + _bf16_hardware_note()
+                f"- **bf16 autocast** ({_kept(fp32 > ours)}; default on GPUs with bf16 and on "
+                f"CPUs where it measures fast): {_vs('fp32', fp32, ours)}. " + _bf16_hardware_note()
             )
         else:
             # Without fast bf16 the default is fp32, so the fp32 row repeats ours.
             bf16 = (
-                "- **bf16 autocast** (default where the CPU has AVX512-BF16/AMX and on GPUs "
-                "with bf16): "
+                "- **bf16 autocast** (default on GPUs with bf16 and on CPUs where it measures "
+                "fast): "
                 + _bf16_hardware_note()
                 + f" The fp32 row is the default measured again: {_vs('fp32', fp32, ours)}, "
                 "the run's noise between two identical configurations."

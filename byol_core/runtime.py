@@ -5,27 +5,80 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
+import statistics
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from byol_core.spec import RuntimeSpec
 
 _Item = TypeVar("_Item")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 convolutions then run several times faster than fp32."""
+def cpu_has_bf16_instructions() -> bool:
+    """AVX512-BF16 or AMX: oneDNN has native bf16 kernels (without either, bf16 is emulated)."""
     cpu = torch.cpu
     return bool(
         getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
         or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
     )
+
+
+# bf16 rounds every convolution's inputs to 8 bits of mantissa: worth it only for a clear gain.
+# Measured with this probe, fp32 time over bf16 time: AMX and the AVX512-BF16 EPYCs (Zen 4 and
+# 5) about 2x and more, an Intel Xeon whose hypervisor hides AMX 0.55-0.75x (docs/benchmarks.md).
+BF16_MIN_SPEEDUP = 1.2
+
+
+def cpu_bf16_speedup() -> float:
+    """fp32 time over bf16-autocast time of a 3x3 convolution's forward + backward (16 images
+    of 16x16, 128 channels, channels_last) on torch's current threads: about 0.2 s, once per
+    process and thread count.
+
+    Why measure: the instructions do not say how fast the kernels are. An Intel Xeon that
+    reports AVX512-BF16 with AMX hidden ran the training step 1.29x slower in bf16 than in
+    fp32, where AVX512-BF16 EPYCs ran it 2x faster."""
+    return _measured_bf16_speedup(torch.get_num_threads())
+
+
+@functools.cache
+def _measured_bf16_speedup(threads: int) -> float:
+    del threads  # the cache key: the kernels' speed depends on it
+    # Also when resolved under no_grad or inference_mode: the probe needs its backward.
+    with torch.inference_mode(False), torch.enable_grad():
+        gen = torch.Generator().manual_seed(0)
+        cl = torch.channels_last
+        conv = nn.Conv2d(128, 128, 3, padding=1, bias=False).to(memory_format=cl)
+        x = torch.randn(16, 128, 16, 16, generator=gen).contiguous(memory_format=cl)
+        x.requires_grad_()
+
+        def once(bf16: bool) -> float:
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = conv(x)
+            y.float().sum().backward()
+            return time.perf_counter() - start
+
+        for bf16 in (False, True):  # oneDNN builds its kernels on the first call
+            once(bf16)
+        # Interleaved, the median of each: a neighbour's burst on a shared VM hits both alike.
+        times = [(once(False), once(True)) for _ in range(3)]
+    fp32, bf16 = (statistics.median(t) for t in zip(*times, strict=True))
+    return fp32 / bf16
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 kernels in hardware that also measure clearly faster than fp32 here."""
+    return cpu_has_bf16_instructions() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
 
 
 def cpu_bf16_kind() -> str:
@@ -146,3 +199,12 @@ def resolve_runtime(spec: RuntimeSpec, device: torch.device | None = None) -> Ru
     # and is the tensor-core layout on GPUs.
     channels_last = True if spec.channels_last is None else spec.channels_last
     return Runtime(device=device, bf16=bf16, channels_last=channels_last)
+
+
+def agree_on_bf16(runtime: Runtime) -> Runtime:
+    """bf16 only if every process of the initialised process group chose it: each measured its
+    own CPU (``cpu_bf16_speedup``), the hosts of a cluster may differ, and a near tie could fall
+    either way, while data-parallel ranks must run the same arithmetic."""
+    flag = torch.tensor([int(runtime.bf16)], device=runtime.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return replace(runtime, bf16=bool(flag.item()))

@@ -180,7 +180,9 @@ class DistributedSpec(Section):
 class RuntimeSpec(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast where the hardware runs it fast."
+        "auto",
+        description="auto: bf16 autocast on GPUs with bf16 and on CPUs where a start-up probe "
+        "measures it at least 1.2x faster than fp32.",
     )
     channels_last: bool | None = Field(None, description="None: on where it is faster.")
     threads: PositiveInt | None = None

@@ -30,7 +30,7 @@ from byol_core.losses import build_loss
 from byol_core.model import BYOL, Target
 from byol_core.optim import build_optimizer, set_lr
 from byol_core.plots import plot_history
-from byol_core.runtime import Runtime, keep_heap, resolve_runtime
+from byol_core.runtime import Runtime, agree_on_bf16, keep_heap, resolve_runtime
 from byol_core.schedules import learning_rate, scaled_lr, target_decay
 from byol_core.small_map_conv import cast_once
 from byol_core.spec import JobSpec
@@ -121,6 +121,8 @@ class Trainer:
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         self.world_size = dist.get_world_size() if distributed else 1
+        if distributed and spec.runtime.precision == "auto":
+            self.runtime = agree_on_bf16(self.runtime)
         global_bn = self.world_size > 1 and spec.distributed.bn_sync == "global"
         if self.runtime.device.type == "cpu":
             # Freed activations come back as page faults every step, and under global batch
