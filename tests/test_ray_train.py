@@ -67,6 +67,9 @@ def test_two_workers_train_track_and_resume(tmp_path, mlflow_server):
     run = client.get_run(first["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr"] == "0.2" and run.data.params["distributed.workers"] == "2"
+    # The spec says auto; the run records what the workers resolved it to.
+    assert run.data.params["runtime.precision"] == "auto"
+    assert run.data.tags["byol.precision"] in ("bf16", "fp32")
     for key in METRICS:
         assert steps(client, run.info.run_id, key) == [1, 2], key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -34,6 +34,7 @@ from byol_core.spec import JobSpec
 from worker.reclaim import ReclaimPlacementGroup
 
 CHECKPOINT_FILE = "checkpoint.pt"
+PRECISION_TAG = "byol.precision"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -74,6 +75,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             wrap_online=rt.prepare_model,
             write_files=False,
         )
+        if logger is not None:
+            # What precision: auto resolved to on these workers' CPUs (or GPUs), agreed by all.
+            logger.set_tag(PRECISION_TAG, "bf16" if trainer.runtime.bf16 else "fp32")
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as directory:
