@@ -34,8 +34,9 @@ def cpu_has_bf16_instructions() -> bool:
 
 
 # bf16 rounds every convolution's inputs to 8 bits of mantissa: worth it only for a clear gain.
-# Measured with this probe, fp32 time over bf16 time: AMX and the AVX512-BF16 EPYCs (Zen 4 and
-# 5) about 2x and more, an Intel Xeon whose hypervisor hides AMX 0.55-0.75x (docs/benchmarks.md).
+# This probe measured 0.55-0.75x on an Intel Xeon whose hypervisor hides AMX; where bf16 pays,
+# bf16 ran 1.5-2.1x faster than fp32 on AVX512-BF16 EPYCs and more on AMX (docs/benchmarks.md;
+# the probe itself has not run on those yet).
 BF16_MIN_SPEEDUP = 1.2
 
 
@@ -46,7 +47,7 @@ def cpu_bf16_speedup() -> float:
 
     Why measure: the instructions do not say how fast the kernels are. An Intel Xeon that
     reports AVX512-BF16 with AMX hidden ran the training step 1.29x slower in bf16 than in
-    fp32, where AVX512-BF16 EPYCs ran it 2x faster."""
+    fp32, where a Zen 5 EPYC ran it 2.08x faster."""
     return _measured_bf16_speedup(torch.get_num_threads())
 
 
