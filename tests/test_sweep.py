@@ -191,4 +191,5 @@ def test_a_cancelled_sweep_frees_its_cpus_and_resumes_without_rerunning_trials(
     for trial_id, end_time in ended.items():  # the finished trials did not run again
         assert after[trial_id].info.end_time == end_time, trial_id
     assert client.get_run(parent).info.status == "FINISHED"
-    assert cpus_free(30)
+    # Ray frees a finished sweep's trial actors asynchronously: as long as after the cancel.
+    assert cpus_free(60), f"CPUs still held after the sweep: {ray.available_resources()}"
