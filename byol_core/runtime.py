@@ -26,11 +26,7 @@ _Item = TypeVar("_Item")
 
 def cpu_has_bf16_instructions() -> bool:
     """AVX512-BF16 or AMX: oneDNN has native bf16 kernels (without either, bf16 is emulated)."""
-    cpu = torch.cpu
-    return bool(
-        getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-        or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-    )
+    return cpu_bf16_kind() != "no bf16 instructions"
 
 
 # bf16 rounds every convolution's inputs to 8 bits of mantissa: worth it only for a clear gain.
