@@ -1,7 +1,7 @@
 """Sweeps on a real local Ray cluster (Ray Train trials inside Ray Tune), tracked by a real MLflow
 server: ASHA stops weak trials early, MLflow nests one child run per trial under the sweep's run,
-and a sweep whose driver is cancelled gives its CPUs back and resumes without re-running the
-trials that had finished."""
+and a sweep whose driver is cancelled gives its CPUs back (also when a Train controller dies while
+its workers start) and resumes without re-running the trials that had finished."""
 
 import json
 import os
@@ -126,6 +126,54 @@ def cpus_free(timeout: float) -> bool:
     return False
 
 
+def groups_left(cpu_only: bool = False) -> list[str]:
+    """Placement groups not removed (``cpu_only``: those that reserve CPUs, which Train's do and
+    Tune's trial groups, 256 MB of memory each, do not)."""
+    return [
+        f"{pg_id} {group['state']} {group['bundles']}"
+        for pg_id, group in ray.util.placement_group_table().items()
+        if group["state"] != "REMOVED"
+        and (not cpu_only or any("CPU" in b for b in group["bundles"].values()))
+    ]
+
+
+def test_a_train_controller_killed_while_its_workers_start_leaves_no_placement_group(
+    tmp_path, mlflow_server, local_ray
+):
+    """The window a cancelled sweep once leaked a group through (a CI run): Ray Train has made
+    its workers' placement group and is starting them when its controller is killed. Here the
+    start is held there until the job's driver task, which owns the controller, is killed."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    from worker.ray_train import run_job
+
+    marker = tmp_path / "starting"
+
+    class HoldTheStart(WorkerGroupCallback):
+        def before_init_train_context(self, workers):
+            marker.touch()
+            time.sleep(300)
+            return {}
+
+    def drive() -> None:
+        run_job(resolve_spec(TINY), tmp_path / "run", uri=mlflow_server, callbacks=[HoldTheStart()])
+
+    task = ray.remote(num_cpus=0, max_retries=0)(drive).remote()
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        ready, _ = ray.wait([task], timeout=0.5)
+        assert not ready, f"the job ended before its workers started: {ray.get(task)}"
+        assert time.monotonic() < deadline, "the workers never started"
+    assert groups_left(cpu_only=True), "no placement group while the workers start"
+
+    ray.cancel(task, force=True, recursive=True)
+    deadline = time.monotonic() + 60
+    while groups_left(cpu_only=True) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not groups_left(cpu_only=True), f"left behind: {groups_left(cpu_only=True)}"
+    assert cpus_free(30), f"CPUs still held: {ray.available_resources()}"
+
+
 def test_a_cancelled_sweep_frees_its_cpus_and_resumes_without_rerunning_trials(
     tmp_path, mlflow_server, local_ray
 ):
@@ -168,6 +216,10 @@ def test_a_cancelled_sweep_frees_its_cpus_and_resumes_without_rerunning_trials(
 
     ray.cancel(task, force=True, recursive=True)
     assert cpus_free(60), f"CPUs still held after the cancel: {ray.available_resources()}"
+    deadline = time.monotonic() + 30
+    while groups_left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not groups_left(), f"placement groups left after the cancel: {groups_left()}"
     finish(mlflow_server, parent, "KILLED")
     assert client.get_run(parent).info.status == "KILLED"
 
@@ -193,3 +245,4 @@ def test_a_cancelled_sweep_frees_its_cpus_and_resumes_without_rerunning_trials(
     assert client.get_run(parent).info.status == "FINISHED"
     # Ray frees a finished sweep's trial actors asynchronously: as long as after the cancel.
     assert cpus_free(60), f"CPUs still held after the sweep: {ray.available_resources()}"
+    assert not groups_left(), f"placement groups left after the sweep: {groups_left()}"

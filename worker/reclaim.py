@@ -10,22 +10,29 @@ and this project installs Ray without the dashboard, so that cleaner never acts.
 Here the controller registers its placement group with one janitor actor per cluster (detached,
 so it outlives the runs it watches), which pings the controller every second and removes the
 group once the controller is gone.
+
+It registers the group the moment Ray Train creates it, not once the workers have started:
+starting them takes seconds (2-5 s on 2 cores), and a controller killed in between leaked its
+group. A cancelled sweep did exactly that: the force-kill reached the trial's worker first, the
+still-living controller retried with a new group, and died while that group's worker started.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from ray.train.v2._internal.execution.worker_group import worker_group as worker_group_module
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 if TYPE_CHECKING:
-    from ray.train.v2._internal.execution.worker_group import WorkerGroup
+    from ray.train.v2._internal.execution.worker_group import WorkerGroup, WorkerGroupContext
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,8 @@ class Janitor:
 
     def watch(self, group: PlacementGroup, controller: ActorHandle) -> None:
         with self.lock:
-            self.watched.append((group, controller))
+            if all(group.id != watched.id for watched, _ in self.watched):
+                self.watched.append((group, controller))
 
     def watching(self) -> int:
         with self.lock:
@@ -105,14 +113,43 @@ def janitor() -> ActorHandle:
     )
 
 
+def watch(group: PlacementGroup) -> None:
+    """Has the janitor watch ``group`` of the Train controller this runs in."""
+    controller = ray.get_runtime_context().current_actor
+    try:
+        ray.get(janitor().watch.remote(group, controller), timeout=60)
+    except Exception as exc:  # training goes on; only a later kill would leak the group
+        log.warning("placement group %s not watched: %s", group.id, exc)
+
+
+def watch_on_creation() -> bool:
+    """Makes Ray Train's worker groups in this process register their placement group with the
+    janitor as soon as it is created. False where this Ray no longer creates it through the
+    module's ``placement_group`` (the group is then watched once the workers have started)."""
+    create = getattr(worker_group_module, "placement_group", None)
+    if create is None:
+        return False
+    if getattr(create, "byol_watched", False):
+        return True
+
+    @functools.wraps(create)
+    def create_and_watch(*args: Any, **kwargs: Any) -> PlacementGroup:
+        group = create(*args, **kwargs)
+        watch(group)
+        return group
+
+    create_and_watch.byol_watched = True  # type: ignore[attr-defined]
+    worker_group_module.placement_group = create_and_watch
+    return True
+
+
 class ReclaimPlacementGroup(WorkerGroupCallback):
     """A Ray Train run callback: registers each worker group's placement group with the
     janitor. It runs in the Train controller, which is what the janitor then watches."""
 
+    def before_worker_group_start(self, worker_group_context: WorkerGroupContext) -> None:
+        watch_on_creation()
+
     def after_worker_group_start(self, worker_group: WorkerGroup) -> None:
-        group = worker_group.get_worker_group_state().placement_group_handle.placement_group
-        controller = ray.get_runtime_context().current_actor
-        try:
-            ray.get(janitor().watch.remote(group, controller), timeout=60)
-        except Exception as exc:  # training goes on; only a later kill would leak the group
-            log.warning("placement group %s not watched: %s", group.id, exc)
+        # Idempotent: the group is usually watched since its creation already.
+        watch(worker_group.get_worker_group_state().placement_group_handle.placement_group)

@@ -162,7 +162,13 @@ def run_trial(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from worker.ray_train import run_job
+    from worker.reclaim import watch
 
+    # Tune removes a trial's group when the trial ends, but not once its own driver is killed
+    # (a cancelled sweep): the janitor then removes it with this actor.
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        watch(group)
     sweep = SweepSpec.model_validate_json(sweep_json)
     trial_id = tune.get_context().get_trial_id()
     done = find_run(f"{run_key}/{trial_id}", uri)
