@@ -30,9 +30,9 @@ def cpu_has_bf16_instructions() -> bool:
 
 
 # bf16 rounds every convolution's inputs to 8 bits of mantissa: worth it only for a clear gain.
-# This probe measured 0.55-0.75x on an Intel Xeon whose hypervisor hides AMX; where bf16 pays,
-# bf16 ran 1.5-2.1x faster than fp32 on AVX512-BF16 EPYCs and more on AMX (docs/benchmarks.md;
-# the probe itself has not run on those yet).
+# This probe measured 0.55-0.75x on an Intel Xeon whose hypervisor hides AMX and 2.3-3.1x on an
+# AMX Xeon; at the step, bf16 ran 1.5-2.1x faster than fp32 on AVX512-BF16 EPYCs (the probe has
+# not run on those yet) and 2.1x on AMX (docs/benchmarks.md).
 BF16_MIN_SPEEDUP = 1.2
 
 
