@@ -12,7 +12,7 @@ so it outlives the runs it watches), which pings the controller every second and
 group once the controller is gone.
 
 It registers the group the moment Ray Train creates it, not once the workers have started:
-starting them takes seconds (2-5 s on 2 cores), and a controller killed in between leaked its
+starting them takes seconds (4-6 s on 2 cores), and a controller killed in between leaked its
 group. A cancelled sweep did exactly that: the force-kill reached the trial's worker first, the
 still-living controller retried with a new group, and died while that group's worker started.
 """
@@ -114,7 +114,8 @@ def janitor() -> ActorHandle:
 
 
 def watch(group: PlacementGroup) -> None:
-    """Has the janitor watch ``group`` of the Train controller this runs in."""
+    """Has the janitor remove ``group`` once the actor this runs in is gone (a Train controller
+    for its workers' group, a Tune trial for the trial's own)."""
     controller = ray.get_runtime_context().current_actor
     try:
         ray.get(janitor().watch.remote(group, controller), timeout=60)
