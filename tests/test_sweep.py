@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 import ray
@@ -117,13 +118,20 @@ def local_ray():
     ray.shutdown()
 
 
-def cpus_free(timeout: float) -> bool:
+def eventually(holds: Callable[[], bool], timeout: float) -> bool:
+    """Whether ``holds()`` comes true within ``timeout`` seconds, looking every half second."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]:
+        if holds():
             return True
         time.sleep(0.5)
     return False
+
+
+def cpus_free(timeout: float) -> bool:
+    return eventually(
+        lambda: ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"], timeout
+    )
 
 
 def groups_left(cpu_only: bool = False) -> list[str]:
@@ -167,10 +175,8 @@ def test_a_train_controller_killed_while_its_workers_start_leaves_no_placement_g
     assert groups_left(cpu_only=True), "no placement group while the workers start"
 
     ray.cancel(task, force=True, recursive=True)
-    deadline = time.monotonic() + 60
-    while groups_left(cpu_only=True) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not groups_left(cpu_only=True), f"left behind: {groups_left(cpu_only=True)}"
+    gone = eventually(lambda: not groups_left(cpu_only=True), 60)
+    assert gone, f"left behind: {groups_left(cpu_only=True)}"
     assert cpus_free(30), f"CPUs still held: {ray.available_resources()}"
 
 
@@ -216,10 +222,8 @@ def test_a_cancelled_sweep_frees_its_cpus_and_resumes_without_rerunning_trials(
 
     ray.cancel(task, force=True, recursive=True)
     assert cpus_free(60), f"CPUs still held after the cancel: {ray.available_resources()}"
-    deadline = time.monotonic() + 30
-    while groups_left() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not groups_left(), f"placement groups left after the cancel: {groups_left()}"
+    gone = eventually(lambda: not groups_left(), 30)
+    assert gone, f"placement groups left after the cancel: {groups_left()}"
     finish(mlflow_server, parent, "KILLED")
     assert client.get_run(parent).info.status == "KILLED"
 

@@ -41,7 +41,8 @@ NAMESPACE = "byol"
 
 
 class Janitor:
-    """Watches (placement group, controller) pairs; removes a group whose controller died."""
+    """Watches (placement group, owner) pairs, the owner being the actor the group serves (a
+    Train controller, a Tune trial); removes a group whose owner died."""
 
     def __init__(self, every: float = 1.0) -> None:
         self.every = every
@@ -49,10 +50,10 @@ class Janitor:
         self.lock = threading.Lock()
         threading.Thread(target=self._loop, name="janitor", daemon=True).start()
 
-    def watch(self, group: PlacementGroup, controller: ActorHandle) -> None:
+    def watch(self, group: PlacementGroup, owner: ActorHandle) -> None:
         with self.lock:
             if all(group.id != watched.id for watched, _ in self.watched):
-                self.watched.append((group, controller))
+                self.watched.append((group, owner))
 
     def watching(self) -> int:
         with self.lock:
@@ -67,7 +68,7 @@ class Janitor:
             with self.lock:
                 self.watched = [pair for pair in self.watched if pair not in done]
 
-    def _settled(self, group: PlacementGroup, controller: ActorHandle) -> bool:
+    def _settled(self, group: PlacementGroup, owner: ActorHandle) -> bool:
         """True once ``group`` needs no more watching: removed, or removed here."""
         try:
             state = ray.util.placement_group_table(group).get("state", "REMOVED")
@@ -75,7 +76,7 @@ class Janitor:
             return False
         if state == "REMOVED":
             return True
-        ping = controller.__ray_ready__.remote()
+        ping = owner.__ray_ready__.remote()
         ready, _ = ray.wait([ping], timeout=self.every)
         if not ready:
             return False  # alive and busy
@@ -84,7 +85,7 @@ class Janitor:
             return False
         except RayActorError:
             pass
-        log.warning("Ray Train controller died; removing its placement group %s", group.id)
+        log.warning("the actor of placement group %s died; removing the group", group.id)
         try:
             remove_placement_group(group)
         except Exception as exc:
@@ -116,22 +117,23 @@ def janitor() -> ActorHandle:
 def watch(group: PlacementGroup) -> None:
     """Has the janitor remove ``group`` once the actor this runs in is gone (a Train controller
     for its workers' group, a Tune trial for the trial's own)."""
-    controller = ray.get_runtime_context().current_actor
+    owner = ray.get_runtime_context().current_actor
     try:
-        ray.get(janitor().watch.remote(group, controller), timeout=60)
+        ray.get(janitor().watch.remote(group, owner), timeout=60)
     except Exception as exc:  # training goes on; only a later kill would leak the group
         log.warning("placement group %s not watched: %s", group.id, exc)
 
 
-def watch_on_creation() -> bool:
+def watch_on_creation() -> None:
     """Makes Ray Train's worker groups in this process register their placement group with the
-    janitor as soon as it is created. False where this Ray no longer creates it through the
-    module's ``placement_group`` (the group is then watched once the workers have started)."""
+    janitor as soon as it is created. Where this Ray no longer creates it through the module's
+    ``placement_group``, says so; the group is then watched once the workers have started."""
     create = getattr(worker_group_module, "placement_group", None)
     if create is None:
-        return False
+        log.warning("Ray Train's placement groups are watched only once their workers started")
+        return
     if getattr(create, "byol_watched", False):
-        return True
+        return
 
     @functools.wraps(create)
     def create_and_watch(*args: Any, **kwargs: Any) -> PlacementGroup:
@@ -141,7 +143,6 @@ def watch_on_creation() -> bool:
 
     create_and_watch.byol_watched = True  # type: ignore[attr-defined]
     worker_group_module.placement_group = create_and_watch
-    return True
 
 
 class ReclaimPlacementGroup(WorkerGroupCallback):
