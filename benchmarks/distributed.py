@@ -8,11 +8,12 @@ The first two rows are what training runs on one host: global BN in one pass for
 (``view_bn``, half the collectives), its collectives through shared memory between the two
 processes (``shm_all_reduce``), local BN with a pass per view, and malloc keeping its heap
 (``runtime.keep_heap``). For comparison: global BN with shared memory off (gloo, as before and
-as between hosts), and global BN with a pass per view. Also counted: batch norm's all-reduces
-per step and the time spent in them. The whole measurement runs ``--runs`` times, each in a
-fresh pair of processes, and the report is the median run's. Rewrites the run's section of
-docs/benchmark-distributed.md (up to its first ``## `` heading) and keeps the rest, the earlier
-runs and levers, as it is.
+as between hosts), global BN with a pass per view, and global BN as trained with its
+collectives skipped, which parts its cost into the kernels and the collectives. Also counted:
+batch norm's all-reduces per step and the time spent in them. The whole measurement runs
+``--runs`` times, each in a fresh pair of processes, and the report is the median run's.
+Rewrites the run's section of docs/benchmark-distributed.md (up to its first ``## `` heading)
+and keeps the rest, the earlier runs and levers, as it is.
 
     python -m benchmarks.distributed [--steps 16] [--runs 3]
 """
@@ -42,6 +43,10 @@ from byol_core.runtime import keep_heap, resolve_runtime
 from byol_core.trainer import build, train_step
 
 WORLD, GLOBAL_BATCH, SIZE = 2, 256, 32
+# Global BN as trained with its collectives skipped: every process normalises with its own sums,
+# so the row times GlobalBatchNorm's kernels alone, in the same pair of processes; what the
+# trained row adds over it is the collectives and the waiting at them.
+KERNELS_ALONE = "global, collectives skipped (its kernels alone)"
 # name: (BN scope, Online.view_passes, global BN's collectives through shared memory). "auto",
 # what training uses: one grouped pass for both views under global BN, a pass per view under
 # local BN.
@@ -50,6 +55,7 @@ CONFIGS = {
     "global (one pass)": ("global", "auto", True),
     "global, gloo (one pass)": ("global", "auto", False),
     "global, a pass per view": ("global", "separate", True),
+    KERNELS_ALONE: ("global", "auto", True),
 }
 # The figure this benchmark printed before view_bn and the faster GlobalBatchNorm kernels
 # (2026-11-23, same machine, separate passes, the old kernels), for the record.
@@ -62,13 +68,15 @@ class _AllReduceClock:
 
     def __init__(self) -> None:
         self.calls, self.seconds = 0, 0.0
+        self.skip = False  # count the calls but leave every tensor as it is
         self._all_reduce = sync_bn.all_reduce
         sync_bn.all_reduce = self._timed  # looked up at call time
 
     def _timed(self, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return self._all_reduce(*args, **kwargs)
+            if not self.skip:
+                self._all_reduce(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - start
             self.calls += 1
@@ -104,6 +112,7 @@ def _worker(rank: int, port: int, steps: int, out: str) -> None:
         for name, (online, model, loss_fn, opt) in models.items():
             dist.barrier()
             clock.reset()
+            clock.skip = name == KERNELS_ALONE
             t = time.perf_counter()
             train_step(online, model.target, loss_fn, opt, views, runtime)
             ema_update(*model.target_pairs(), 0.99)
@@ -116,6 +125,7 @@ def _worker(rank: int, port: int, steps: int, out: str) -> None:
     for shared_memory in (True, False):
         dist.barrier()
         clock.reset()
+        clock.skip = False
         for _ in range(200):
             sync_bn.all_reduce(stats, None, shared_memory)
         isolated.append(clock.seconds / clock.calls)
@@ -196,10 +206,12 @@ def main() -> None:
         ms = f"{med[name] * 1e3:.1f}"
         if not calls[name]:
             return f"| {name} | {ms} | – | – |"
+        if name == KERNELS_ALONE:
+            return f"| {name} | {ms} | {calls[name]} skipped | – |"
         return f"| {name} | {ms} | {calls[name]} | {inside[name] * 1e3:.0f} |"
 
     before = 100 * (PREVIOUS["global"] / PREVIOUS["local"] - 1)
-    local, glob, gloo, separate = CONFIGS
+    local, glob, gloo, separate, kernels = CONFIGS
     table = "\n".join(row(name) for name in CONFIGS)
     report = f"""# Distributed step: global against local batch norm
 
@@ -218,7 +230,10 @@ time a process spends inside them (waiting for the other included).
 {table}
 
 Global BN costs **{overhead(local, glob)}** over local as training runs them (target <= 15%).
-{spread}Through gloo, as it ran before: {overhead(local, gloo)}; with a pass per view:
+{spread}Of that, GlobalBatchNorm's own kernels (the same step with its collectives skipped, each
+process normalising with its own sums): {overhead(local, kernels)} over local; the collectives
+and the waiting at them, the rest: {overhead(kernels, glob)} over the kernels alone.
+Through gloo, as it ran before: {overhead(local, gloo)}; with a pass per view:
 {overhead(local, separate)}. The first figure this benchmark
 printed (a pass per view, gloo, the first GlobalBatchNorm kernels): local
 {PREVIOUS["local"]:.1f} ms, global {PREVIOUS["global"]:.1f} ms, **{before:+.1f}%**.
