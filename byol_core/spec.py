@@ -182,7 +182,7 @@ class RuntimeSpec(Section):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto",
         description="auto: bf16 autocast on GPUs with bf16 and on CPUs where a start-up probe "
-        "measures it at least 1.2x faster than fp32.",
+        "measures it at least 1.1x faster than fp32.",
     )
     channels_last: bool | None = Field(None, description="None: on where it is faster.")
     threads: PositiveInt | None = None
