@@ -6,7 +6,12 @@ import os
 import subprocess
 import sys
 import time
+from importlib.metadata import version
+from pathlib import Path
 
+import mlflow
+import mlflow.pytorch
+import torch
 from mlflow.tracking import MlflowClient
 
 from byol_core.checkpoint import load_checkpoint
@@ -76,7 +81,19 @@ def test_two_workers_train_track_and_resume(tmp_path, mlflow_server):
     assert {"checkpoints", "figures"} <= artifacts
     assert client.list_artifacts(run.info.run_id, "checkpoints")[-1].path.endswith("epoch_0002")
     models = client.search_logged_models([run.info.experiment_id])
-    assert any(m.name == "encoder" and m.source_run_id == run.info.run_id for m in models)
+    (encoder,) = [m for m in models if m.name == "encoder" and m.source_run_id == run.info.run_id]
+    logged = mlflow.artifacts.download_artifacts(
+        artifact_uri=encoder.artifact_location, dst_path=str(tmp_path / "encoder"),
+        tracking_uri=mlflow_server,
+    )  # fmt: skip
+    # Pinned to this environment, not inferred (MLflow's inference listed pytorch-lightning).
+    requirements = (Path(logged) / "requirements.txt").read_text().split()
+    pinned = {line.split("==")[0]: line for line in requirements}
+    assert set(pinned) == {"mlflow", "torch", "torchvision", "cloudpickle", "pydantic", "numpy"}
+    assert pinned["torch"] == f"torch=={version('torch')}"
+    # The logged encoder loads and maps images to features of its width.
+    features = mlflow.pytorch.load_model(logged)(torch.zeros(2, 3, 32, 32))
+    assert features.shape == (2, 64)
 
     # Same run folder, more epochs: Ray Train restores the latest checkpoint and only epoch 3
     # runs, in the same MLflow run. Epochs 1-2 are the first run's records, timings included.

@@ -261,8 +261,25 @@ def log_encoder(spec: JobSpec, payload: dict[str, Any], uri: str, run_id: str) -
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(
-            model.online.encoder.eval(), name="encoder", input_example=example.numpy()
+            model.online.encoder.eval(),
+            name="encoder",
+            input_example=example.numpy(),
+            pip_requirements=encoder_requirements(),
         )
+
+
+def encoder_requirements() -> list[str]:
+    """What loading the encoder needs besides byol_core (whose classes it pickles by
+    reference), pinned to this environment. Given explicitly because MLflow's inference loads
+    the model again in a subprocess (9-12 CPU-seconds at every job's end on a 2-core EPYC)
+    and still missed pydantic, which ``byol_core.networks`` imports, while listing packages
+    the encoder never uses (pytorch-lightning, redis, rich)."""
+    from importlib.metadata import version
+
+    import mlflow.pytorch
+
+    ours = [f"{name}=={version(name)}" for name in ("torchvision", "pydantic", "numpy")]
+    return [*mlflow.pytorch.get_default_pip_requirements(), *ours]
 
 
 def train_from_cli(spec: JobSpec, out_dir: str | Path) -> dict[str, Any]:
