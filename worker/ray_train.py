@@ -278,7 +278,9 @@ def encoder_requirements() -> list[str]:
 
     import mlflow.pytorch
 
-    ours = [f"{name}=={version(name)}" for name in ("torchvision", "pydantic", "numpy")]
+    # Without a local label such as +cpu, as MLflow pins torch: installable from PyPI.
+    names = ("torchvision", "pydantic", "numpy")
+    ours = [f"{name}=={version(name).split('+')[0]}" for name in names]
     return [*mlflow.pytorch.get_default_pip_requirements(), *ours]
 
 
