@@ -18,6 +18,7 @@ from ray import tune
 
 from byol_core.presets import resolve_spec
 from byol_core.sweep import SweepSpec
+from worker.ray_cluster import PREEMPTION_WATCHER, init_ray
 
 TINY = {
     "data": {"train_limit": 256, "eval_limit": 200},
@@ -113,9 +114,20 @@ def test_asha_stops_weak_trials_and_mlflow_nests_every_trial(tmp_path, mlflow_se
 def local_ray():
     """A Ray cluster of this test process, standing for a ``byol worker``'s: it outlives the
     sweep's driver task."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    watcher = os.environ.get(PREEMPTION_WATCHER)
+    init_ray(num_cpus=2)
     yield
     ray.shutdown()
+    if watcher is None:
+        os.environ.pop(PREEMPTION_WATCHER, None)
+
+
+def actor_classes() -> dict[str, int]:
+    """How many actors of each class the cluster has started, dead ones included."""
+    classes: dict[str, int] = {}
+    for actor in ray._private.state.actors().values():
+        classes[actor["ActorClassName"]] = classes.get(actor["ActorClassName"], 0) + 1
+    return classes
 
 
 def eventually(holds: Callable[[], bool], timeout: float) -> bool:
@@ -250,3 +262,8 @@ def test_a_cancelled_sweep_frees_its_cpus_and_resumes_without_rerunning_trials(
     # Ray frees a finished sweep's trial actors asynchronously: as long as after the cancel.
     assert cpus_free(60), f"CPUs still held after the sweep: {ray.available_resources()}"
     assert not groups_left(), f"placement groups left after the sweep: {groups_left()}"
+    # Every run's groups went back through the janitor alone; Ray's cleaner (which needs the
+    # dashboard) and the preemption watcher (for nodes an autoscaler drains) were not started.
+    classes = actor_classes()
+    assert classes.get("Janitor") == 1 and classes.get("TrainController", 0) >= 2, classes
+    assert "PlacementGroupCleaner" not in classes and "PreemptionWatcher" not in classes, classes

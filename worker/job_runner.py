@@ -37,6 +37,7 @@ from service import jobs
 from service.db import Job, Status, make_engine, make_sessions, migrate
 from service.queue import Queue
 from service.settings import Settings, load_settings
+from worker.ray_cluster import init_ray
 from worker.tracking import open_run, start_or_resume_run, tracking_uri
 
 log = logging.getLogger("byol.worker")
@@ -82,10 +83,7 @@ class JobRunner:
     # --- the loop ------------------------------------------------------------------------------
 
     def connect(self) -> None:
-        if not ray.is_initialized():
-            ray.init(
-                address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False
-            )
+        init_ray()
 
     def serve(self, max_jobs: int | None = None) -> None:
         self.connect()

@@ -55,7 +55,8 @@ from byol_core.sweep import (
     probe_specs,
     trial_spec,
 )
-from worker.ray_train import init_ray, ray_name
+from worker.ray_cluster import init_ray
+from worker.ray_train import ray_name
 from worker.tracking import find_run, flatten, open_run, tracking_uri
 
 log = logging.getLogger("byol.sweep")
