@@ -5,7 +5,8 @@ not as long as the controller that created it. A controller that dies without sh
 its Tune trial stopped early by ASHA, its sweep or job cancelled by force — leaves the
 reservation behind, and on a small machine the next trial then waits for CPUs forever. Ray's own
 cleaner (``PlacementGroupCleaner``) asks the dashboard's state API whether the controller lives,
-and this project installs Ray without the dashboard, so that cleaner never acts.
+and this project installs Ray without the dashboard, so that cleaner never acts (runs leave it
+out: ``worker.ray_train.ReclaimingTorchTrainer``).
 
 Here the controller registers its placement group with one janitor actor per cluster (detached,
 so it outlives the runs it watches), which pings the controller every second and removes the
