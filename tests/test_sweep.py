@@ -262,8 +262,10 @@ def test_a_cancelled_sweep_frees_its_cpus_and_resumes_without_rerunning_trials(
     # Ray frees a finished sweep's trial actors asynchronously: as long as after the cancel.
     assert cpus_free(60), f"CPUs still held after the sweep: {ray.available_resources()}"
     assert not groups_left(), f"placement groups left after the sweep: {groups_left()}"
-    # Every run's groups went back through the janitor alone; Ray's cleaner (which needs the
-    # dashboard) and the preemption watcher (for nodes an autoscaler drains) were not started.
+    # Every run's groups went back through the janitor alone. Not started: Ray's cleaner (which
+    # needs the dashboard), the preemption watcher (for nodes an autoscaler drains) and the
+    # dataset manager (for Ray Data, which these runs do not read).
     classes = actor_classes()
     assert classes.get("Janitor") == 1 and classes.get("TrainController", 0) >= 2, classes
-    assert "PlacementGroupCleaner" not in classes and "PreemptionWatcher" not in classes, classes
+    unused = {"PlacementGroupCleaner", "PreemptionWatcher", "DatasetManager"}
+    assert not unused & set(classes), classes

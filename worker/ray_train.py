@@ -28,6 +28,7 @@ from ray.train import (
     TrainingFailedError,
 )
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from byol_core.errors import ByolError
@@ -89,16 +90,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         trainer.fit()
 
 
-class ReclaimingTorchTrainer(TorchTrainer):
-    """TorchTrainer whose dead controllers' placement groups only ``worker.reclaim``'s janitor
-    removes. Ray's own cleaner asks the dashboard's state API whether the controller lives;
-    without a dashboard (a Ray this project starts has none) it never acts, only logs "Failed to
-    query Ray Train Controller actor state" every second or two into the worker logs a failed
-    run's error points to, from an actor process of its own for every run and trial."""
+class LeanTorchTrainer(TorchTrainer):
+    """TorchTrainer without two helper actors, each a process of its own for every run and
+    trial, that these runs never use:
+
+    - Ray's placement-group cleaner asks the dashboard's state API whether the controller
+      lives; without a dashboard (a Ray this project starts has none) it never acts, and only
+      logs "Failed to query Ray Train Controller actor state" every second or two into the
+      worker logs a failed run's error points to. ``worker.reclaim``'s janitor does its job.
+    - the dataset manager serves Ray Data shards; training here reads its own data.
+    """
 
     def _create_default_callbacks(self) -> list[Any]:
-        callbacks = super()._create_default_callbacks()
-        return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+        unused = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
 
 
 def scaling_config(spec: JobSpec) -> ScalingConfig:
@@ -121,7 +126,7 @@ def run_distributed(
     latest checkpoint. ``tracking``: ``mlflow_uri`` and ``mlflow_run_id`` for rank 0.
     ``callbacks``: Ray Train run callbacks (a Tune trial passes its TuneReportCallback)."""
     init_ray()
-    trainer = ReclaimingTorchTrainer(
+    trainer = LeanTorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump_json(), **tracking},
         scaling_config=scaling_config(spec),

@@ -6,7 +6,7 @@ its Tune trial stopped early by ASHA, its sweep or job cancelled by force — le
 reservation behind, and on a small machine the next trial then waits for CPUs forever. Ray's own
 cleaner (``PlacementGroupCleaner``) asks the dashboard's state API whether the controller lives,
 and this project installs Ray without the dashboard, so that cleaner never acts (runs leave it
-out: ``worker.ray_train.ReclaimingTorchTrainer``).
+out: ``worker.ray_train.LeanTorchTrainer``).
 
 Here the controller registers its placement group with one janitor actor per cluster (detached,
 so it outlives the runs it watches), which pings the controller every second and removes the
