@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -122,12 +123,9 @@ def local_ray():
         os.environ.pop(PREEMPTION_WATCHER, None)
 
 
-def actor_classes() -> dict[str, int]:
+def actor_classes() -> Counter[str]:
     """How many actors of each class the cluster has started, dead ones included."""
-    classes: dict[str, int] = {}
-    for actor in ray._private.state.actors().values():
-        classes[actor["ActorClassName"]] = classes.get(actor["ActorClassName"], 0) + 1
-    return classes
+    return Counter(actor["ActorClassName"] for actor in ray._private.state.actors().values())
 
 
 def eventually(holds: Callable[[], bool], timeout: float) -> bool:
